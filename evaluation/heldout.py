@@ -1,0 +1,305 @@
+"""Held-out loss / perplexity of a checkpoint and MoE routing statistics collected in the same pass.
+
+Data (never a training split: :func:`check_heldout_path` refuses it):
+    * held-out pretraining text: a packed ``.bin`` (windows of ``max_seq_len + 1`` tokens, the
+      ``PretrainDataset`` contract) or a ``{"text": ...}`` JSONL (one item per document, encoded
+      ``bos text eos``, documents longer than ``max_seq_len + 1`` tokens split into chunks);
+    * held-out SFT answers: ``{"conversations": [...]}`` JSONL through the chat template, loss only on
+      assistant answer tokens and their end token (the ``SFTDataset`` contract).
+
+Loss is the token-weighted mean negative log-likelihood (nats/token); perplexity = exp(loss).
+Per-item NLL sums and token counts are kept so that the report can bootstrap over items and pair
+two checkpoints on the same items (the change in held-out loss from SFT to DPO).
+
+Routing (MoE): for every MoE layer, forward hooks capture the router's per-token probabilities
+over the routed experts on the non-padding tokens, and the chosen top-k experts:
+    * ``load_fraction[l][e]``: share of the routed (token, slot) assignments that went to expert e;
+    * ``max_violation[l]`` = max_e load / mean_e load - 1 (0 = perfectly balanced);
+    * ``router_entropy[l]``: mean over tokens of the entropy (nats) of the router distribution;
+      ``router_entropy_max`` = ln(n_experts);
+    * ``load_entropy[l]``: entropy of ``load_fraction[l]`` (nats).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .metrics import ratio_bootstrap
+
+TRAIN_NAME = re.compile(r"(^|[_\-.])train($|[_\-.])", re.IGNORECASE)
+
+
+class TrainingDataError(ValueError):
+    """Raised when an evaluation is pointed at training data."""
+
+
+def check_heldout_path(path, split: str | None = None) -> Path:
+    """Refuse a ``train`` split or a file whose name has ``train`` as a word (``sft_train.jsonl``,
+    ``train.bin``); ``pretrain_validation.jsonl`` is fine (``pretrain`` is not ``train``)."""
+    path = Path(path)
+    if split is not None and split.lower() == "train":
+        raise TrainingDataError(f"refusing to evaluate on the training split (split={split!r}, file={path}); "
+                                "use split 'validation' or 'test'")
+    if TRAIN_NAME.search(path.stem):
+        raise TrainingDataError(f"refusing to evaluate on training data: {path} is named as a train split; "
+                                "evaluation must use held-out (validation/test) files")
+    return path
+
+
+def sibling_train_file(path) -> Path | None:
+    """``.../sft_validation.jsonl`` -> ``.../sft_train.jsonl`` when that file exists."""
+    path = Path(path)
+    for split in ("validation", "test", "valid", "val"):
+        name = re.sub(rf"(^|[_\-.]){split}($|[_\-.])", r"\1train\2", path.name, count=1)
+        if name != path.name and (path.parent / name).is_file():
+            return path.parent / name
+    return None
+
+
+def _jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _record_key(rec: dict) -> str:
+    if "text" in rec:
+        return "text:" + rec["text"]
+    return "conv:" + json.dumps(rec.get("conversations", []), ensure_ascii=False, sort_keys=True)
+
+
+def assert_disjoint_from_train(heldout_path, train_path=None, max_train_bytes: int = 512 * 2**20) -> dict:
+    """Check that no held-out record (by id, or by identical text / conversation) is in the train file.
+
+    ``train_path`` defaults to the sibling ``*_train.*`` file; returns what was checked."""
+    heldout_path = Path(heldout_path)
+    train_path = Path(train_path) if train_path is not None else sibling_train_file(heldout_path)
+    if train_path is None or heldout_path.suffix != ".jsonl":
+        return {"checked": False, "train_file": None, "reason": "no sibling *_train.jsonl"}
+    if train_path.stat().st_size > max_train_bytes:
+        return {"checked": False, "train_file": str(train_path), "reason": f"train file over {max_train_bytes} bytes"}
+    held, train = _jsonl(heldout_path), _jsonl(train_path)
+    train_ids = {r["id"] for r in train if "id" in r}
+    train_keys = {_record_key(r) for r in train}
+    bad = [r.get("id", i) for i, r in enumerate(held)
+           if ("id" in r and r["id"] in train_ids) or _record_key(r) in train_keys]
+    if bad:
+        raise TrainingDataError(f"{len(bad)} record(s) of {heldout_path} also occur in {train_path} "
+                                f"(first: {bad[:5]}); evaluation must not touch training data")
+    return {"checked": True, "train_file": str(train_path), "n_heldout": len(held), "n_train": len(train)}
+
+
+# --------------------------------------------------------------------------------------------- items
+
+
+def _special_ids(tokenizer, model_config=None) -> tuple[int, int, int]:
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(model_config, "bos_token_id", 1)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(model_config, "eos_token_id", 2)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(bos), int(eos), int(pad)
+
+
+def pretrain_items(path, tokenizer, max_seq_len: int, max_items: int | None = None) -> list[dict]:
+    """Items (``input_ids``/``targets`` long tensors) of held-out pretraining text (``.bin`` or JSONL)."""
+    path = check_heldout_path(path)
+    items: list[dict] = []
+    if path.suffix == ".bin":
+        from dataset.datasets import PretrainDataset  # the contract's windows
+
+        ds = PretrainDataset(str(path), max_seq_len)
+        for i in range(len(ds)):
+            if max_items is not None and len(items) >= max_items:
+                break
+            it = ds[i]
+            items.append({"input_ids": it["input_ids"], "targets": it["targets"]})
+        return items
+    bos, eos, _ = _special_ids(tokenizer)
+    for rec in _jsonl(path):
+        ids = [bos] + tokenizer(rec["text"], add_special_tokens=False)["input_ids"] + [eos]
+        for start in range(0, max(len(ids) - 1, 1), max_seq_len):
+            w = ids[start:start + max_seq_len + 1]
+            if len(w) < 2:
+                continue
+            items.append({"input_ids": torch.tensor(w[:-1], dtype=torch.long),
+                          "targets": torch.tensor(w[1:], dtype=torch.long)})
+            if max_items is not None and len(items) >= max_items:
+                return items
+    return items
+
+
+def sft_items(path, tokenizer, max_seq_len: int, max_items: int | None = None) -> list[dict]:
+    """Items of held-out SFT conversations: targets only on assistant answers (``SFTDataset``)."""
+    path = check_heldout_path(path)
+    from dataset.datasets import SFTDataset
+
+    ds = SFTDataset(str(path), tokenizer, max_seq_len, on_error="skip", limit=max_items, seed=0)
+    out = []
+    for i in range(len(ds)):
+        it = ds[i]
+        out.append({"input_ids": it["input_ids"], "targets": it["targets"]})
+    return out
+
+
+def _fingerprint(items: list[dict]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(it["input_ids"].numpy().astype(np.int64).tobytes())
+        h.update(it["targets"].numpy().astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _pad(items: list[dict], pad_id: int) -> dict:
+    n = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    tgt = torch.full((len(items), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    for i, it in enumerate(items):
+        k = len(it["input_ids"])
+        ids[i, :k], tgt[i, :k], mask[i, :k] = it["input_ids"], it["targets"], 1
+    return {"input_ids": ids, "targets": tgt, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------- routing
+
+
+def _moe_modules(model) -> list[torch.nn.Module]:
+    """The MoE blocks of the model in layer order (``model.moe_layers()``; empty for a dense model)."""
+    fn = getattr(model, "moe_layers", None)
+    return list(fn()) if callable(fn) else []
+
+
+class RoutingCollector:
+    """Accumulates per-layer expert loads and router entropies of the MoE layers through forward hooks.
+
+    A forward hook on every MoE block reads the block's input and token mask, asks the block's own
+    ``route()`` for the router scores (the exact code path of training and inference), and adds:
+    the block's ``last_counts`` (tokens per expert of that forward, padding excluded by the model) and
+    the entropy of the per-token router distribution over the non-padding tokens (sigmoid scores are
+    normalised to sum to 1 first).
+    """
+
+    def __init__(self, model):
+        self.modules = _moe_modules(model)
+        self.enabled = bool(self.modules)
+        cfg = model.config
+        self.n_experts = int(getattr(cfg, "n_routed_experts", 0) or 0) if self.enabled else 0
+        self.top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0) if self.enabled else 0
+        n = len(self.modules)
+        self.counts = np.zeros((n, self.n_experts), dtype=np.float64)
+        self.entropy_sum = np.zeros(n, dtype=np.float64)
+        self.n_tokens = np.zeros(n, dtype=np.float64)
+        self._handles = [m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.modules)]
+
+    def _hook(self, layer: int):
+        @torch.no_grad()
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
+            mask = args[1] if len(args) > 1 else kwargs.get("token_mask")
+            flat = x.reshape(-1, x.shape[-1])
+            scores = module.route(flat)[0].float()
+            probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+            if mask is not None:
+                probs = probs[mask.reshape(-1).bool()]
+            ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+            self.entropy_sum[layer] += float(ent.sum())
+            self.n_tokens[layer] += probs.shape[0]
+            self.counts[layer] += module.last_counts.double().cpu().numpy()
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def stats(self) -> dict | None:
+        if not self.enabled:
+            return None
+        layers = []
+        for layer in range(len(self.modules)):
+            c = self.counts[layer]
+            total = c.sum()
+            frac = c / total if total > 0 else np.zeros_like(c)
+            mean = frac.mean() if frac.size else 0.0
+            layers.append({
+                "layer": layer,
+                "tokens": int(self.n_tokens[layer]),
+                "expert_counts": [int(v) for v in c],
+                "load_fraction": [float(v) for v in frac],
+                "max_violation": float(frac.max() / mean - 1.0) if mean > 0 else None,
+                "router_entropy": float(self.entropy_sum[layer] / max(self.n_tokens[layer], 1)),
+                "load_entropy": float(-(frac[frac > 0] * np.log(frac[frac > 0])).sum()),
+            })
+        return {"n_moe_layers": len(layers), "n_routed_experts": self.n_experts, "top_k": self.top_k,
+                "router_entropy_max": math.log(self.n_experts) if self.n_experts else None,
+                "layers": layers,
+                "max_violation_mean": float(np.mean([lay["max_violation"] for lay in layers])),
+                "router_entropy_mean": float(np.mean([lay["router_entropy"] for lay in layers]))}
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+@torch.no_grad()
+def items_loss(model, items: list[dict], pad_id: int, batch_size: int = 8,
+               routing: RoutingCollector | None = None, device=None) -> dict:
+    """Token-weighted NLL of ``model`` on ``items``; per-item sums/counts for bootstraps."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    nll_sum, n_tok = [], []
+    for start in range(0, len(items), batch_size):
+        batch = _pad(items[start:start + batch_size], pad_id)
+        ids, tgt, mask = (batch[k].to(device) for k in ("input_ids", "targets", "attention_mask"))
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                              reduction="none").reshape(tgt.shape)
+        valid = tgt != -100
+        nll_sum.extend((nll * valid).sum(1).double().cpu().tolist())
+        n_tok.extend(valid.sum(1).cpu().tolist())
+    keep = [i for i, c in enumerate(n_tok) if c > 0]
+    nll_sum, n_tok = [nll_sum[i] for i in keep], [n_tok[i] for i in keep]
+    if not n_tok:
+        raise ValueError("no target tokens in the held-out items")
+    total, count = float(sum(nll_sum)), int(sum(n_tok))
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "n_items": len(n_tok), "n_tokens": count,
+            "item_nll_sum": nll_sum, "item_tokens": n_tok}
+
+
+def heldout_loss(model, tokenizer, path, kind: str, max_seq_len: int, split: str | None = None,
+                 max_items: int | None = None, batch_size: int = 8, collect_routing: bool = True,
+                 n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Loss / perplexity (with a bootstrap CI over items) on a held-out file; ``kind`` is
+    ``"pretrain"`` or ``"sft"``. Includes routing statistics for MoE models when ``collect_routing``."""
+    check_heldout_path(path, split)
+    disjoint = assert_disjoint_from_train(path)
+    if kind == "pretrain":
+        items = pretrain_items(path, tokenizer, max_seq_len, max_items)
+    elif kind == "sft":
+        items = sft_items(path, tokenizer, max_seq_len, max_items)
+    else:
+        raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
+    _, _, pad = _special_ids(tokenizer, model.config)
+    routing = RoutingCollector(model) if collect_routing else None
+    try:
+        res = items_loss(model, items, pad, batch_size=batch_size, routing=routing)
+    finally:
+        if routing is not None:
+            routing.close()
+    ci = ratio_bootstrap(res["item_nll_sum"], res["item_tokens"], n_resamples=n_resamples, seed=seed)
+    res.update({
+        "loss_ci_low": ci["ci_low"], "loss_ci_high": ci["ci_high"],
+        "perplexity_ci_low": math.exp(ci["ci_low"]), "perplexity_ci_high": math.exp(ci["ci_high"]),
+        "bootstrap": {"n_resamples": n_resamples, "seed": seed, "unit": "item"},
+        "data_file": str(path), "split": split, "kind": kind, "max_seq_len": max_seq_len,
+        "items_fingerprint": _fingerprint(items), "train_overlap_check": disjoint,
+        "routing": routing.stats() if routing is not None else None,
+    })
+    return res
