@@ -1,0 +1,430 @@
+"""MateConv: a small LLaMA-style decoder with optional DeepSeek-style MoE, as one readable file.
+
+Top-down:
+    MateConvForCausalLM            embeddings -> N x MateConvDecoderLayer -> RMSNorm -> tied LM head
+      MateConvDecoderLayer         x + Attn(RMSNorm(x)); x + FFN(RMSNorm(x))     (pre-norm)
+        MateConvAttention          fused QKV, RoPE (Llama's rotate-half convention), GQA via SDPA
+        MateConvMLP | MateConvMoE  SwiGLU; MoE = shared experts + top-k routed fine-grained experts
+
+Weight layout notes (so checkpoints map 1:1 onto transformers' Llama / GraniteMoeShared):
+    * ``qkv_proj.weight`` is ``cat([q_proj, k_proj, v_proj])`` along the output dim.
+    * ``gate_up_proj.weight`` is ``cat([gate_proj, up_proj])`` along the output dim.
+    * routed experts are stored as 3-D tensors ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``.
+    * RoPE rotates the two halves of each head (``rotate_half``), exactly like ``LlamaForCausalLM``.
+
+The KV cache is a transformers ``Cache`` (``DynamicCache`` from ``generate``) or our preallocated
+``StaticKVCache`` (``model/generation.py``); both expose ``update(k, v, layer_idx)`` and ``get_seq_length()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+try:  # transformers >= 5: init helpers that skip weights already loaded from a checkpoint
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover - transformers 4.x
+    _init = nn.init
+
+from .configuration_mateconv import MateConvConfig
+
+
+@dataclass
+class MateConvCausalLMOutput(ModelOutput):
+    """``CausalLMOutputWithPast`` plus the MoE balance loss (already multiplied by ``aux_loss_alpha``)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self):
+        return self.cache
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MateConvRMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (same math as ``LlamaRMSNorm``), fused by ``F.rms_norm``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [B, T, head_dim/2] for integer positions (any length: no fixed table)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, T, H, D] with cos/sin [B, T, 1, D/2] (Llama's convention, half the FLOPs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class MateConvAttention(nn.Module):
+    """Grouped-query attention with a fused QKV projection and SDPA (flash kernels where available)."""
+
+    def __init__(self, config: MateConvConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.n_heads
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj._residual_proj = True
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos.to(qkv.dtype), sin.to(qkv.dtype))
+        q = qk[:, :, : self.n_heads].transpose(1, 2)
+        k = qk[:, :, self.n_heads :].transpose(1, 2)
+        v = qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if self.n_kv != self.n_heads:  # GQA: expand KV heads (a view + copy; fast path for every SDPA backend)
+            rep = self.n_heads // self.n_kv
+            k = k[:, :, None].expand(B, self.n_kv, rep, k.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv, rep, v.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
+        if attn_mask is None:  # no padding, no cache offset: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MateConvMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj._residual_proj = True
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MateConvExperts(nn.Module):
+    """The routed experts as 3-D weights; tokens are grouped by expert with one sort (no loop over tokens)."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; topk_idx/topk_w [N, k] -> sum_j w_j * expert_{idx_j}(x)  [N, H]."""
+        k = topk_idx.shape[1]
+        flat = topk_idx.reshape(-1)
+        order = flat.argsort(stable=True)  # group the N*k (token, slot) pairs by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        xs = x.index_select(0, token)
+        outs = []
+        for e, xe in enumerate(xs.split(counts)):  # loop over experts, each a dense matmul on its tokens
+            if xe.shape[0] == 0:
+                continue
+            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        ys = torch.cat(outs) * topk_w.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+
+class MateConvMoE(nn.Module):
+    """DeepSeek-style MoE: always-on shared experts + top-k of fine-grained routed experts.
+
+    Scores are softmax or sigmoid of ``router(x)``. With auxiliary-loss-free balancing a per-expert bias
+    (``e_score_correction_bias``) is added to the scores *for selection only*; the mixing weights are
+    the unbiased scores (renormalised over the top-k when ``norm_topk_prob``). No token is dropped.
+    """
+
+    def __init__(self, config: MateConvConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        self.aux_free = config.aux_free_balancing
+        self.bias_update_rate = config.bias_update_rate
+        self.routed_scaling_factor = config.routed_scaling_factor
+        H = config.hidden_size
+        self.router = nn.Linear(H, self.n_experts, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts), persistent=True)
+        self.experts = MateConvExperts(self.n_experts, H, config.moe_intermediate_size)
+        self.shared_experts = (
+            MateConvMLP(H, config.moe_intermediate_size * config.n_shared_experts) if config.n_shared_experts else None
+        )
+        self.last_counts = torch.zeros(self.n_experts)  # tokens per expert, last forward (for logging)
+        self._pending_counts = torch.zeros(self.n_experts)  # accumulated since the last bias update
+
+    def route(self, x: torch.Tensor):
+        """x [N, H] -> (scores [N, E] fp32, topk_idx [N, k], topk_w [N, k] fp32)."""
+        logits = F.linear(x, self.router.weight).float()
+        scores = logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()
+        select = scores + self.e_score_correction_bias if self.aux_free else scores
+        topk_idx = select.topk(self.top_k, dim=-1, sorted=False).indices
+        topk_w = scores.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            topk_w = topk_w / (topk_w.sum(-1, keepdim=True) + 1e-20)
+        return scores, topk_idx, topk_w * self.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, with_aux: bool = True):
+        """x [B, T, H]; token_mask [B, T] (1 = real token) -> (y [B, T, H], aux_loss scalar or None)."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        scores, topk_idx, topk_w = self.route(flat)
+        y = self.experts(flat, topk_idx, topk_w).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        with torch.no_grad():
+            w = None if token_mask is None else token_mask.reshape(-1, 1).expand(-1, self.top_k).reshape(-1).float()
+            counts = torch.bincount(topk_idx.reshape(-1), weights=w, minlength=self.n_experts).float().cpu()
+            self.last_counts = counts
+            if self.training:
+                self._pending_counts = self._pending_counts + counts
+        aux = self.balance_loss(scores.view(B, T, -1), topk_idx.view(B, T, -1), token_mask) if with_aux else None
+        return y, aux
+
+    def balance_loss(self, scores, topk_idx, token_mask=None) -> torch.Tensor:
+        """alpha * sum_e f_e * P_e. Sequence-level (``seq_aux``): per sequence, then averaged over the batch.
+
+        f_e = (tokens routed to e) / (L * k / E), P_e = mean over tokens of the (normalised) score of e.
+        Uniform routing gives f_e = 1, P_e = 1/E and the minimum value ``alpha``.
+        """
+        if self.alpha == 0:
+            return scores.new_zeros(())
+        B, T, E = scores.shape
+        if self.scoring_func == "sigmoid":
+            scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        m = scores.new_ones(B, T) if token_mask is None else token_mask.to(scores.dtype)
+        onehot = torch.zeros(B, T, E, device=scores.device, dtype=scores.dtype)
+        onehot.scatter_add_(2, topk_idx, m[..., None].expand(-1, -1, self.top_k).contiguous())
+        if self.seq_aux:
+            n = m.sum(1).clamp_min(1)  # [B] real tokens per sequence
+            f = onehot.sum(1) / (n[:, None] * self.top_k / E)
+            p = (scores * m[..., None]).sum(1) / n[:, None]
+            return self.alpha * (f * p).sum(-1).mean()
+        n = m.sum().clamp_min(1)
+        f = onehot.sum((0, 1)) / (n * self.top_k / E)
+        p = (scores * m[..., None]).sum((0, 1)) / n
+        return self.alpha * (f * p).sum()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing: push the selection bias of overloaded experts down, underloaded up."""
+        load = self._pending_counts
+        self._pending_counts = torch.zeros(self.n_experts)
+        if not self.aux_free or load.sum() == 0:
+            return
+        err = load.mean() - load  # > 0: underloaded
+        self.e_score_correction_bias.add_(self.bias_update_rate * err.sign().to(self.e_score_correction_bias))
+
+
+class MateConvDecoderLayer(nn.Module):
+    def __init__(self, config: MateConvConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = MateConvRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MateConvAttention(config, layer_idx)
+        self.post_attention_layernorm = MateConvRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MateConvMoE(config) if self.is_moe else MateConvMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, token_mask=None, with_aux=True):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, aux = self.mlp(h, token_mask, with_aux)
+        else:
+            h, aux = self.mlp(h), None
+        return x + h, aux
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MateConvPreTrainedModel(PreTrainedModel):
+    config_class = MateConvConfig
+    config: MateConvConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["MateConvDecoderLayer"]
+    _supports_sdpa = True
+    _supports_cache_class = True
+
+    def _init_weights(self, module):
+        """Original init: N(0, 0.02); residual output projections N(0, 0.02 / sqrt(2 * layers))."""
+        std = self.config.initializer_range
+        res_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        if isinstance(module, nn.Linear):
+            _init.normal_(module.weight, mean=0.0, std=res_std if getattr(module, "_residual_proj", False) else std)
+        elif isinstance(module, nn.Embedding):
+            _init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MateConvRMSNorm):
+            _init.ones_(module.weight)
+        elif isinstance(module, MateConvExperts):
+            _init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            _init.normal_(module.down_proj, mean=0.0, std=res_std)
+        elif isinstance(module, MateConvMoE):
+            _init.zeros_(module.e_score_correction_bias)
+
+
+class MateConvModel(MateConvPreTrainedModel):
+    def __init__(self, config: MateConvConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MateConvDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MateConvRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: take the causal fast path
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: positions count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
+        attn_mask = None
+        token_mask = None
+        if attention_mask is not None:
+            attn_mask = build_attention_mask(attention_mask, T, past)
+            token_mask = attention_mask[:, -T:]
+        elif past > 0 and T > 1:
+            attn_mask = build_attention_mask(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T, past)
+        aux = []
+        for layer in self.layers:
+            x, a = layer(x, cos, sin, attn_mask, cache, token_mask, with_aux=cache is None)
+            if a is not None:
+                aux.append(a)
+        aux_loss = torch.stack(aux).mean() if aux else x.new_zeros((), dtype=torch.float)
+        return self.norm(x), aux_loss
+
+
+def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past: int) -> torch.Tensor:
+    """Boolean SDPA mask [B, 1, q_len, past + q_len]: causal AND key is a real token.
+
+    A query always sees itself, so rows of padding queries are never empty (no NaN); their outputs
+    are ignored by the loss (-100) and by generation.
+    """
+    kv_len = past + q_len
+    key_ok = attention_mask[:, -kv_len:].bool() if attention_mask.shape[1] >= kv_len else torch.nn.functional.pad(
+        attention_mask.bool(), (kv_len - attention_mask.shape[1], 0), value=True
+    )
+    qpos = torch.arange(past, kv_len, device=attention_mask.device)[:, None]
+    kpos = torch.arange(kv_len, device=attention_mask.device)[None, :]
+    mask = (kpos <= qpos)[None] & key_ok[:, None, :]
+    mask |= (kpos == qpos)[None]
+    return mask[:, None]
+
+
+class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
+    """Causal LM head over ``MateConvModel``; see the module docstring for the layout."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MateConvConfig):
+        super().__init__(config)
+        self.model = MateConvModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values=None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        cache=None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MateConvCausalLMOutput:
+        """HF semantics: ``labels`` are shifted inside (-100 = ignored); ``out.loss`` is the CE loss only,
+        ``out.aux_loss`` the MoE balance loss (alpha applied; 0 for dense and when decoding with a cache)."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None and not self.training:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        h, aux_loss = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_loss, cache=cache)
+
+    # ---- MoE helpers used by the trainer / evaluation ----
+    def moe_layers(self) -> list[MateConvMoE]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def expert_load(self) -> torch.Tensor:
+        """Float tensor [n_moe_layers, n_routed_experts]: tokens per expert in the last forward (empty if dense)."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, 0)
+        return torch.stack([m.last_counts.float() for m in layers])
+
+    def update_router_bias(self) -> None:
+        """Call after each optimizer step: aux-loss-free bias update (no-op unless ``aux_free_balancing``)."""
+        for m in self.moe_layers():
+            m.update_bias()
+
+    def num_parameters_report(self, seq_len: int | None = None) -> dict:
+        from .presets import parameter_report
+
+        return parameter_report(self.config, seq_len=seq_len)
