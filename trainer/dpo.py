@@ -1,0 +1,581 @@
+"""DPO on the shared trainer: the loss, reference log-probabilities, held-out preference accuracy and a
+forgetting probe.
+
+Loss (per preference pair, ``--beta`` = β)::
+
+    π_c, π_r  = policy log-probability of the chosen / rejected answer (summed over answer tokens)
+    ρ_c, ρ_r  = the same under the frozen reference model
+    dpo       = -log σ( β · ((π_c - ρ_c) - (π_r - ρ_r)) )                         # standard sigmoid DPO
+    loss      = dpo + kl_coef · KL_c + sft_coef · NLL_c
+
+- ``KL_c`` (``--kl_coef``, default 0.05) is the token-level KL(policy ‖ reference) on the chosen answer,
+  averaged over its tokens: ``mean_t Σ_v p_π(v|t) (log p_π(v|t) - log p_ref(v|t))``. The direction is
+  policy-first (the reverse KL of RLHF, mode-seeking); its gradient flows through the policy only.
+- ``NLL_c`` (``--sft_coef``, default 0) is the policy's mean negative log-likelihood per token of the
+  chosen answer only (never the rejected one).
+- ``--length_norm`` uses the mean instead of the sum of the answer-token log-probabilities in the DPO
+  term (policy and reference alike), as the original project did; β then acts per token and usually
+  needs to be larger. Off by default.
+
+Rewards and logged metrics use TRL's names (sums over pairs; the trainer divides by the pair count):
+``rewards/chosen`` = β(π_c - ρ_c), ``rewards/rejected`` = β(π_r - ρ_r), ``rewards/accuracies`` =
+[reward_c > reward_r] (strict, as TRL), ``rewards/margins``, ``logps/chosen`` = π_c, ``logps/rejected`` = π_r
+(summed log-probabilities, also under ``--length_norm``), ``kl`` (the KL_c above, also when ``--kl_coef 0``
+as long as it can be computed), ``loss/dpo``, ``loss/sft`` (NLL_c).
+
+Held-out preference accuracy (``--eval_pairs_path``): the same metrics on held-out pairs before
+training (step 0) and at each evaluation, plus ``reward_accuracy`` in which a tie (|margin| ≤ 1e-4,
+e.g. at step 0 where the policy *is* the reference) counts 1/2, so chance level reads 0.5, and
+``logp_accuracy`` = [π_c > π_r] (whether the model itself gives the chosen answer more probability).
+
+Reference model: ``--init_from`` (the SFT checkpoint; required, a missing path is an error) initialises
+the policy and the reference. On resume the reference is still read from ``--init_from``.
+
+- live reference (default): a frozen copy of the SFT model runs next to the policy on every batch.
+- ``--precompute_ref``: before training, the reference log-probabilities of every train and eval pair
+  are computed once (one pass, no gradients) and the reference model is freed. The KL term needs the
+  reference's full next-token distribution on the chosen answers, which is too large to store, so:
+
+  * ``--kl_topk 0`` (default, exact KL): with ``--kl_coef > 0`` the reference model is *kept* and run
+    on the chosen answers only, to compute the exact KL; precomputation then saves the reference
+    passes over the rejected answers, not memory. With ``--kl_coef 0`` the reference is freed.
+  * ``--kl_topk K``: the KL is computed on the coarse-grained vocabulary {the reference's K most likely
+    tokens at that position} ∪ {all others}:
+    ``Σ_{v∈topK} p_π(v)(log p_π(v) - log p_ref(v)) + p_π(rest)(log p_π(rest) - log p_ref(rest))``.
+    This is an exact KL between the two coarse-grained distributions and a lower bound of the full
+    KL (log-sum inequality); it equals the full KL when K = vocabulary size. The reference's top-K ids,
+    log-probabilities and tail mass are stored per chosen-answer token (8·K + 4 bytes each) and the
+    reference model is freed. A live reference with ``--kl_topk K`` computes the same quantity, so live
+    and precomputed runs give the same loss for every setting.
+
+  (Estimating the KL from the log-ratio of the *taken* tokens would be biased: the chosen tokens are
+  not samples from the policy.)
+
+Forgetting probe (every ``--eval_interval`` and at step 0): token-mean cross-entropy of the policy on
+held-out pretraining text (``--probe_pretrain_path``: a pretraining ``.bin`` or a ``{"text"}`` JSONL)
+and on the answers of held-out SFT conversations (``--probe_sft_path``), logged as
+``probe/pretrain_loss`` and ``probe/sft_loss`` beside the DPO metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+TIE_TOLERANCE = 1e-4  # |reward margin| at or below this is a tie in ``reward_accuracy``
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions: log-probabilities, KL, the DPO loss
+# --------------------------------------------------------------------------------------------------
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(targets[b, t] | ...)`` for every position, 0 where ``targets == -100``. Shapes [B, T(, V)]."""
+    vocab = logits.size(-1)
+    nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return -nll.view(targets.shape)
+
+
+def answer_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: (sum of answer-token log-probabilities [B], number of answer tokens [B])."""
+    return token_logps(logits, targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, numerically stable."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _xlogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """p (log p - log q) with 0 where p == 0 (so -inf log-probabilities are harmless)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+
+
+def reference_topk(ref_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From reference logits [N, V]: (top-k ids [N, k], their log-probs [N, k], log-prob of the rest [N])."""
+    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    k = min(k, logq.size(-1))
+    top_logq, top_ids = logq.topk(k, dim=-1)
+    rest = logq.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
+    return top_ids, top_logq, rest
+
+
+def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor | None = None, *,
+             topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """KL(policy ‖ reference) per position, from logits [N, V] -> [N].
+
+    Exact with ``ref_logits``; with ``topk=(ids, logq, logq_rest)`` (see :func:`reference_topk`) the KL of
+    the coarse-grained distributions over {top-k ids} ∪ {rest} (a lower bound of the exact KL).
+    """
+    logp = torch.log_softmax(policy_logits.float(), dim=-1)
+    if topk is None:
+        if ref_logits is None:
+            raise ValueError("token_kl needs ref_logits or topk")
+        logq = torch.log_softmax(ref_logits.float(), dim=-1)
+        return _xlogratio(logp, logq).sum(-1)
+    ids, top_logq, rest_logq = topk
+    top_logp = logp.gather(-1, ids)
+    rest_logp = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return _xlogratio(top_logp, top_logq.float()).sum(-1) + _xlogratio(rest_logp, rest_logq.float())
+
+
+@dataclass
+class DPOOutput:
+    losses: torch.Tensor            # [B] total per-pair loss (DPO + KL + SFT terms)
+    dpo_losses: torch.Tensor        # [B] the sigmoid DPO term alone
+    chosen_rewards: torch.Tensor    # [B] β (π_c - ρ_c), detached
+    rejected_rewards: torch.Tensor  # [B] β (π_r - ρ_r), detached
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *, beta: float = 0.2,
+             chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+             length_norm: bool = False, kl: torch.Tensor | None = None, kl_coef: float = 0.0,
+             sft_nll: torch.Tensor | None = None, sft_coef: float = 0.0) -> DPOOutput:
+    """Per-pair sigmoid DPO loss from summed answer log-probabilities (all tensors [B]).
+
+    ``length_norm`` divides the four log-probabilities by the answer lengths first. ``kl`` (per-pair
+    KL(policy ‖ reference), e.g. the token mean on the chosen answer) is added times ``kl_coef``,
+    ``sft_nll`` (per-pair NLL of the chosen answer) times ``sft_coef``.
+    """
+    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    if length_norm:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("length_norm needs chosen_lengths and rejected_lengths")
+        lc, lr = chosen_lengths.clamp(min=1).to(pc.dtype), rejected_lengths.clamp(min=1).to(pr.dtype)
+        pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
+    chosen_logratio = pc - rc.detach()
+    rejected_logratio = pr - rr.detach()
+    dpo = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
+    losses = dpo
+    if kl_coef and kl is not None:
+        losses = losses + kl_coef * kl
+    elif kl_coef:
+        raise ValueError("kl_coef > 0 needs kl")
+    if sft_coef:
+        if sft_nll is None:
+            raise ValueError("sft_coef > 0 needs sft_nll")
+        losses = losses + sft_coef * sft_nll
+    return DPOOutput(losses, dpo, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach())
+
+
+def pair_metrics(out: DPOOutput, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                 kl: torch.Tensor | None = None, sft_nll: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """TRL-named metrics as *sums* over the pairs of a batch (divide by the pair count for means)."""
+    c, r = out.chosen_rewards, out.rejected_rewards
+    margin = c - r
+    m = {
+        "rewards/chosen": c.sum(),
+        "rewards/rejected": r.sum(),
+        "rewards/accuracies": (c > r).float().sum(),
+        "rewards/margins": margin.sum(),
+        "logps/chosen": policy_chosen_logps.detach().float().sum(),
+        "logps/rejected": policy_rejected_logps.detach().float().sum(),
+        "loss/dpo": out.dpo_losses.detach().sum(),
+        "reward_accuracy": torch.where(margin.abs() <= TIE_TOLERANCE, torch.full_like(margin, 0.5),
+                                       (margin > 0).float()).sum(),
+        "logp_accuracy": (policy_chosen_logps.detach() > policy_rejected_logps.detach()).float().sum(),
+    }
+    if kl is not None:
+        m["kl"] = kl.detach().float().sum()
+    if sft_nll is not None:
+        m["loss/sft"] = sft_nll.detach().float().sum()
+    return m
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+
+
+class IndexedPairs(torch.utils.data.Dataset):
+    """A preference dataset whose items also carry ``ref_key = [store_id, index]`` so that precomputed
+    reference log-probabilities can be looked up in the main process (safe with loader workers)."""
+
+    def __init__(self, base, store_id: int):
+        self.base = base
+        self.store_id = store_id
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = dict(self.base[i])
+        item["ref_key"] = torch.tensor([self.store_id, i], dtype=torch.long)
+        return item
+
+
+def lm_forward(model, input_ids, attention_mask):
+    """Forward through a MateConv / Hugging Face causal LM; returns the output object."""
+    return model(input_ids, attention_mask=attention_mask)
+
+
+def _cat_pairs(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    tgt = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
+    att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    return ids, tgt, att
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference log-probabilities
+# --------------------------------------------------------------------------------------------------
+
+
+class RefStore:
+    """Precomputed reference values for one dataset, indexed by item index.
+
+    ``chosen`` / ``rejected`` [N]: summed answer log-probabilities. With ``topk`` > 0 also the reference
+    top-k (ids, log-probs, tail log-prob) at every chosen-answer token, flattened, with ``offsets`` [N+1].
+    """
+
+    def __init__(self, chosen, rejected, topk_ids=None, topk_logps=None, rest_logps=None, offsets=None):
+        self.chosen, self.rejected = chosen, rejected
+        self.topk_ids, self.topk_logps, self.rest_logps, self.offsets = topk_ids, topk_logps, rest_logps, offsets
+
+    @property
+    def has_topk(self) -> bool:
+        return self.topk_ids is not None
+
+    def lookup(self, index: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        index = index.cpu()
+        out = {"chosen": self.chosen[index].to(device), "rejected": self.rejected[index].to(device)}
+        if self.has_topk:
+            spans = [slice(int(self.offsets[i]), int(self.offsets[i + 1])) for i in index]
+            out["topk"] = tuple(torch.cat([t[s] for s in spans]).to(device)
+                                for t in (self.topk_ids, self.topk_logps, self.rest_logps))
+        return out
+
+
+@torch.no_grad()
+def precompute_reference(ref_model, dataset, collate, *, batch_size: int, device, topk: int = 0,
+                         autocast=None) -> RefStore:
+    """One no-grad pass of the reference over ``dataset`` (in order): a :class:`RefStore`."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    chosen, rejected, ids_l, logq_l, rest_l, counts = [], [], [], [], [], []
+    was_training = ref_model.training
+    ref_model.eval()
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ids, tgt, att = _cat_pairs(batch)
+        with autocast() if autocast is not None else _null():
+            logits = lm_forward(ref_model, ids, att).logits
+        s, _ = answer_logps(logits, tgt)
+        B = batch["chosen_input_ids"].size(0)
+        chosen.append(s[:B].float().cpu())
+        rejected.append(s[B:].float().cpu())
+        if topk:
+            mask = batch["chosen_targets"] != IGNORE_INDEX
+            top_ids, top_logq, rest = reference_topk(logits[:B][mask], topk)
+            ids_l.append(top_ids.to(torch.int32).cpu())
+            logq_l.append(top_logq.cpu())
+            rest_l.append(rest.cpu())
+            counts.append(mask.sum(-1).cpu())
+    ref_model.train(was_training)
+    store = RefStore(torch.cat(chosen), torch.cat(rejected))
+    if topk:
+        n = torch.cat(counts)
+        store.topk_ids = torch.cat(ids_l).long()
+        store.topk_logps = torch.cat(logq_l)
+        store.rest_logps = torch.cat(rest_l)
+        store.offsets = torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)])
+    return store
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# The core computation shared by training and evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def dpo_batch(policy, batch: dict[str, torch.Tensor], *, beta: float, kl_coef: float = 0.0, kl_topk: int = 0,
+              sft_coef: float = 0.0, length_norm: bool = False, ref_model=None, ref: dict | None = None,
+              want_kl: bool = True, ref_autocast=None):
+    """Policy (and, if needed, reference) forward on a collated batch -> (DPOOutput, metrics, policy output).
+
+    Reference values come from ``ref`` (a :meth:`RefStore.lookup` result) when given, else from the live
+    ``ref_model``; the exact KL always needs ``ref_model`` (on the chosen half only when ``ref`` is given).
+    """
+    ids, tgt, att = _cat_pairs(batch)
+    B = batch["chosen_input_ids"].size(0)
+    out = lm_forward(policy, ids, att)
+    logits = out.logits
+    tok = token_logps(logits, tgt)
+    mask = tgt != IGNORE_INDEX
+    sums, lengths = tok.sum(-1), mask.sum(-1)
+    pc, pr, lc, lr = sums[:B], sums[B:], lengths[:B], lengths[B:]
+    chosen_mask = mask[:B]
+
+    need_kl = kl_coef > 0 or want_kl
+    ref_logits_c = None
+    topk = None
+    if ref is not None:
+        rc, rr = ref["chosen"], ref["rejected"]
+        topk = ref.get("topk") if kl_topk else None
+        if need_kl and kl_topk == 0 and ref_model is not None:
+            with torch.no_grad(), ref_autocast() if ref_autocast is not None else _null():
+                ref_logits_c = lm_forward(ref_model, batch["chosen_input_ids"],
+                                          batch["chosen_attention_mask"]).logits
+    elif ref_model is not None:
+        with torch.no_grad(), ref_autocast() if ref_autocast is not None else _null():
+            ref_logits = lm_forward(ref_model, ids, att).logits
+        rs = token_logps(ref_logits, tgt).sum(-1)
+        rc, rr = rs[:B], rs[B:]
+        ref_logits_c = ref_logits[:B]
+        if kl_topk and need_kl:
+            topk = reference_topk(ref_logits_c[chosen_mask], kl_topk)
+    else:
+        raise ValueError("dpo_batch needs a reference: precomputed values or a reference model")
+
+    kl = None
+    if need_kl and (topk is not None or ref_logits_c is not None):
+        pol_ans = logits[:B][chosen_mask]
+        per_tok = (token_kl(pol_ans, topk=topk) if topk is not None
+                   else token_kl(pol_ans, ref_logits_c[chosen_mask]))
+        # mean over each pair's chosen-answer tokens
+        owner = torch.arange(B, device=per_tok.device).repeat_interleave(chosen_mask.sum(-1))
+        kl = torch.zeros(B, device=per_tok.device, dtype=per_tok.dtype).index_add_(0, owner, per_tok)
+        kl = kl / lc.clamp(min=1).to(kl.dtype)
+    if kl_coef > 0 and kl is None:
+        raise ValueError("kl_coef > 0 needs the reference model or precomputed top-k reference values")
+    sft_nll = -pc / lc.clamp(min=1).to(pc.dtype)
+    res = dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pr.dtype), beta=beta, chosen_lengths=lc, rejected_lengths=lr,
+                   length_norm=length_norm, kl=kl, kl_coef=kl_coef, sft_nll=sft_nll, sft_coef=sft_coef)
+    metrics = pair_metrics(res, pc, pr, kl=kl, sft_nll=sft_nll)
+    return res, metrics, out
+
+
+def iter_limit(it: Iterable, n: int | None):
+    for i, x in enumerate(it):
+        if n is not None and i >= n:
+            return
+        yield x
+
+
+def default_path(*candidates) -> str | None:
+    for c in candidates:
+        if c and Path(c).exists():
+            return str(c)
+    return str(candidates[0]) if candidates else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Forgetting probe
+# --------------------------------------------------------------------------------------------------
+
+
+class _TextDocs(torch.utils.data.Dataset):
+    """``{"text"}`` JSONL -> ``bos text eos`` windows (first ``max_seq_len + 1`` tokens), pre-shifted."""
+
+    def __init__(self, path, tokenizer, max_seq_len: int, limit: int | None = None):
+        from dataset.jsonl import iter_jsonl
+
+        self.items = []
+        for _, obj in iter_jsonl(path):
+            text = obj.get("text")
+            if not isinstance(text, str) or not text:
+                continue
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            w = torch.tensor([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id][: max_seq_len + 1])
+            self.items.append({"input_ids": w[:-1], "targets": w[1:]})
+            if limit is not None and len(self.items) >= limit:
+                break
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def build_probe_datasets(args, tokenizer) -> dict[str, torch.utils.data.Dataset]:
+    """Held-out pretraining text and SFT answers for the forgetting probe (missing files are skipped
+    with a note; a path given explicitly must exist)."""
+    from dataset.datasets import PretrainDataset, SFTDataset
+
+    out = {}
+    n = args.probe_samples
+    pre = args.probe_pretrain_path
+    if pre:
+        p = Path(pre)
+        if p.suffix == ".bin" and p.is_file():
+            ds = PretrainDataset(p, args.max_seq_len, tokenizer)
+            out["pretrain"] = torch.utils.data.Subset(ds, range(min(n, len(ds))))
+        elif p.is_file():
+            out["pretrain"] = _TextDocs(p, tokenizer, args.max_seq_len, limit=n)
+        elif args.probe_pretrain_path_explicit:
+            raise FileNotFoundError(f"--probe_pretrain_path {pre} not found")
+    sft = args.probe_sft_path
+    if sft:
+        if Path(sft).is_file():
+            out["sft"] = SFTDataset(sft, tokenizer, args.max_seq_len, on_error="skip", limit=n, seed=0)
+        elif args.probe_sft_path_explicit:
+            raise FileNotFoundError(f"--probe_sft_path {sft} not found")
+    return out
+
+
+@torch.no_grad()
+def probe_loss(model, dataset, collate, *, batch_size: int, device, autocast=None) -> float:
+    """Token-mean cross-entropy of ``model`` on the targets of ``dataset``."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            ids = batch["input_ids"].to(device)
+            tgt = batch["targets"].to(device)
+            att = batch["attention_mask"].to(device)
+            with autocast() if autocast is not None else _null():
+                logits = lm_forward(model, ids, att).logits
+            total += -float(token_logps(logits, tgt).sum())
+            count += int((tgt != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------------
+
+TRAIN_STORE, EVAL_STORE0 = 0, 1
+
+
+class DPOTask:
+    """DPO stage for the shared trainer (see the module docstring)."""
+
+    name = "dpo"
+
+    def __init__(self):
+        self.args = None
+        self.ref_model = None
+        self.stores: dict[int, RefStore] = {}
+        self.eval_store_ids: dict[str, int] = {}
+        self.probes: dict[str, torch.utils.data.Dataset] = {}
+        self.last_aux_loss = None
+
+    # ---------------------------------------------------------------- flags
+    @staticmethod
+    def add_args(parser) -> None:
+        g = parser.add_argument_group("DPO")
+        g.add_argument("--pairs_path", default="./dataset/dpo_pairs.jsonl",
+                       help="training preference pairs (JSONL: canonical or original q/history/pos/neg)")
+        g.add_argument("--eval_pairs_path", default=None,
+                       help="held-out pairs: reward accuracy at step 0 and every --eval_interval")
+        g.add_argument("--beta", type=float, default=0.2, help="DPO β (temperature of the implicit reward)")
+        g.add_argument("--kl_coef", type=float, default=0.05,
+                       help="weight of the token-mean KL(policy ‖ reference) on chosen answers (0 = off)")
+        g.add_argument("--kl_topk", type=int, default=0,
+                       help="0: exact full-vocabulary KL; K>0: KL over {reference top-K} ∪ {rest} (lower bound; "
+                            "lets --precompute_ref free the reference model)")
+        g.add_argument("--sft_coef", type=float, default=0.0,
+                       help="weight of the policy's mean NLL on the chosen answer only (0 = off)")
+        g.add_argument("--length_norm", action="store_true",
+                       help="DPO term on mean instead of summed answer log-probabilities (as the original)")
+        g.add_argument("--precompute_ref", action="store_true",
+                       help="compute reference log-probabilities once before training, then free the reference "
+                            "(kept only for the exact KL: --kl_coef > 0 with --kl_topk 0)")
+        g.add_argument("--ref_batch_size", type=int, default=None,
+                       help="batch size of the reference precomputation and of the probes (default --batch_size)")
+        g.add_argument("--probe_pretrain_path", default=None,
+                       help="held-out pretraining text for the forgetting probe: .bin or {\"text\"} JSONL "
+                            "(default data/pretrain/pretrain_validation.bin, else "
+                            "data/embedded/pretrain_validation.jsonl, skipped when neither exists)")
+        g.add_argument("--probe_sft_path", default=None,
+                       help="held-out SFT conversations for the forgetting probe "
+                            "(default data/embedded/sft_validation.jsonl when it exists)")
+        g.add_argument("--probe_samples", type=int, default=64,
+                       help="sequences per probe set (pretraining windows / SFT conversations)")
+        parser.set_defaults(out_dir="out_dpo", batch_size=16, learning_rate=1e-5, grad_clip=1.0)
+
+    # ---------------------------------------------------------------- data
+    def _resolve_args(self, args):
+        args.probe_pretrain_path_explicit = args.probe_pretrain_path is not None
+        args.probe_sft_path_explicit = args.probe_sft_path is not None
+        if args.probe_pretrain_path is None:
+            args.probe_pretrain_path = default_path("data/pretrain/pretrain_validation.bin",
+                                                    "data/embedded/pretrain_validation.jsonl")
+        if args.probe_sft_path is None:
+            args.probe_sft_path = "data/embedded/sft_validation.jsonl"
+        if getattr(args, "init_from", None) in (None, ""):
+            raise ValueError("DPO needs --init_from: the SFT checkpoint that initialises policy and reference")
+        if not Path(args.init_from).exists():
+            raise FileNotFoundError(f"--init_from {args.init_from} not found (DPO starts from the SFT checkpoint)")
+        if args.kl_topk < 0:
+            raise ValueError("--kl_topk must be >= 0")
+
+    def build_datasets(self, args, tokenizer):
+        from dataset.datasets import PreferenceDataset
+
+        self._resolve_args(args)
+        self.args = args
+        train = PreferenceDataset(args.pairs_path, tokenizer, args.max_seq_len)
+        if len(train) == 0:
+            raise ValueError(f"{args.pairs_path}: no usable preference pairs")
+        evals = {}
+        if args.eval_pairs_path:
+            ev = PreferenceDataset(args.eval_pairs_path, tokenizer, args.max_seq_len)
+            self.eval_store_ids["pairs"] = EVAL_STORE0
+            evals["pairs"] = IndexedPairs(ev, EVAL_STORE0)
+        self.probes = build_probe_datasets(args, tokenizer)
+        self._tokenizer = tokenizer
+        return IndexedPairs(train, TRAIN_STORE), evals
+
+    def collate_fn(self, tokenizer):
+        from dataset.collate import preference_collate
+        from dataset.datasets import pad_token_id
+
+        return preference_collate(pad_token_id(tokenizer))
+
+    # ---------------------------------------------------------------- loss
+    def _ref_for(self, batch) -> dict | None:
+        if not self.stores or "ref_key" not in batch:
+            return None
+        key = batch["ref_key"]
+        sid = int(key[0, 0])
+        store = self.stores.get(sid)
+        if store is None:
+            return None
+        return store.lookup(key[:, 1], batch["chosen_input_ids"].device)
+
+    def _dpo(self, model, batch):
+        a = self.args
+        return dpo_batch(model, batch, beta=a.beta, kl_coef=a.kl_coef, kl_topk=a.kl_topk, sft_coef=a.sft_coef,
+                         length_norm=a.length_norm, ref_model=self.ref_model, ref=self._ref_for(batch),
+                         want_kl=True)
+
+    def compute_loss(self, model, batch):
+        res, metrics, out = self._dpo(model, batch)
+        self.last_aux_loss = getattr(out, "aux_loss", None)
+        return res.losses.sum(), batch["chosen_input_ids"].size(0), metrics
+
+    @torch.no_grad()
+    def evaluate(self, model, eval_batches_iter) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        total_loss, n = 0.0, 0
+        for batch in eval_batches_iter:
+            res, metrics, _ = self._dpo(model, batch)
+            total_loss += float(res.losses.sum())
+            n += batch["chosen_input_ids"].size(0)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        out = {k: v / max(n, 1) for k, v in sums.items()}
+        out["loss"] = total_loss / max(n, 1)
+        return out
