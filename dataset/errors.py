@@ -47,6 +47,13 @@ class DataError(ValueError):
         text += f"{message} [{reason}]"
         super().__init__(text)
 
+    def __reduce__(self):  # picklable across worker processes
+        return (_rebuild, (self.detail, self.file, self.line, self.field, self.reason, self.position))
+
+
+def _rebuild(message, file, line, field, reason, position):
+    return DataError(message, file=file, line=line, field=field, reason=reason, position=position)
+
 
 def missing_file(path, what: str = "file") -> DataError:
     return DataError(f"{what} not found", file=path, reason="missing_file")
