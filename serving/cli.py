@@ -1,0 +1,48 @@
+"""``python -m serving``: serve one checkpoint over the OpenAI chat-completions API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
+    p.add_argument("--model", required=True, help="checkpoint directory (MateConv or any HF causal LM)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (default: the checkpoint's own, else tokenizer/mateconv)")
+    p.add_argument("--model_name", default=None, help="name shown in /v1/models (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: env MATECONV_API_KEY; none = open)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="e.g. bfloat16 / float16 (default: as saved)")
+    p.add_argument("--max_context", type=int, default=None,
+                   help="context window in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--log_level", default="info")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine
+
+    api_key = args.api_key or os.environ.get("MATECONV_API_KEY") or None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    engine = Engine.from_dir(args.model, args.tokenizer, args.model_name, device=args.device, dtype=args.dtype,
+                             max_context=args.max_context)
+    app = create_app(engine, api_key=api_key)
+    print(f"serving {engine.model_name!r} (context {engine.max_context}) on http://{args.host}:{args.port}/v1"
+          f" (auth: {'bearer key' if api_key else 'none'})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The OpenAI-compatible server with the real ``openai`` client, on a loopback port, with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from serving.app import create_app
+from serving.background import BackgroundServer
+
+FIXTURE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+KEY = "test-key-123"
+MSGS = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "请写一首关于春天的诗。"}]
+
+
+def make_tiny_checkpoint(path: Path) -> Path:
+    """A randomly initialised tiny MateConv model + tokenizer saved as a checkpoint directory."""
+    from model import MateConvConfig, MateConvForCausalLM
+    from tokenizer import load_tokenizer
+
+    tok_dir = Path(__file__).resolve().parents[1] / "tokenizer" / "mateconv"
+    tok = load_tokenizer(tok_dir if (tok_dir / "tokenizer.json").exists() else FIXTURE_TOKENIZER)
+    torch.manual_seed(0)
+    cfg = MateConvConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(tok), max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    model = MateConvForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    app = create_app(str(ckpt), api_key=KEY, model_name="mateconv-tiny")
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["mateconv-tiny"]
+
+
+def test_chat_completion_n_seed_and_usage(client):
+    kw = dict(model="mateconv-tiny", messages=MSGS, max_tokens=12, temperature=0.9, top_p=0.95, n=3, seed=7)
+    r = client.chat.completions.create(**kw)
+    assert r.object == "chat.completion" and r.model == "mateconv-tiny"
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        assert c.message.role == "assistant" and isinstance(c.message.content, str)
+        assert c.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0
+    assert 0 < r.usage.completion_tokens <= 3 * 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = client.chat.completions.create(**kw)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+
+
+def test_streaming_matches_non_streaming(client):
+    kw = dict(model="mateconv-tiny", messages=MSGS, max_tokens=16, temperature=0.8, seed=11, n=2)
+    full = client.chat.completions.create(**kw)
+    stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+    texts, finish, usage, roles = ["", ""], [None, None], None, set()
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            if ch.delta.role:
+                roles.add(ch.delta.role)
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    assert roles == {"assistant"}
+    assert texts == [c.message.content for c in full.choices]
+    assert finish == [c.finish_reason for c in full.choices]
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_stop_strings(client):
+    greedy = client.chat.completions.create(model="x", messages=MSGS, max_tokens=24, temperature=0)
+    text = greedy.choices[0].message.content
+    assert len(text) >= 6, text
+    stop = text[4:6]
+    cut = text.find(stop)
+    r = client.chat.completions.create(model="x", messages=MSGS, max_tokens=24, temperature=0, stop=[stop, "@@@@"])
+    assert r.choices[0].message.content == text[:cut]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model="x", messages=MSGS, max_tokens=24, temperature=0, stop=stop,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:cut]
+
+
+def test_bad_requests_get_4xx_and_server_keeps_serving(server, client):
+    url = server.url + "/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    good = {"model": "x", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4}
+    cases = [
+        (b"{not json", 400),
+        (json.dumps({"model": "x", "messages": []}).encode(), 400),
+        (json.dumps({"model": "x"}).encode(), 400),
+        (json.dumps({**good, "messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400),
+        (json.dumps({**good, "messages": [{"role": "user", "content": 5}]}).encode(), 400),
+        (json.dumps({**good, "max_tokens": 100000}).encode(), 400),
+        (json.dumps({**good, "max_tokens": 0}).encode(), 400),
+        (json.dumps({**good, "messages": [{"role": "user", "content": "春风又绿江南岸" * 200}]}).encode(), 400),
+        (json.dumps({**good, "temperature": 5}).encode(), 400),
+        (json.dumps({**good, "n": 0}).encode(), 400),
+        (json.dumps({**good, "stop": 3}).encode(), 400),
+        (json.dumps([1, 2]).encode(), 400),
+    ]
+    with httpx.Client(timeout=60) as h:
+        for body, status in cases:
+            r = h.post(url, content=body, headers={**auth, "Content-Type": "application/json"})
+            assert r.status_code == status, (body[:80], r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["message"] and err["type"] == "invalid_request_error"
+        r = h.post(url, json=good)  # no key
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = h.post(url, json=good, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = h.get(server.url + "/v1/nope", headers=auth)
+        assert r.status_code == 404 and "error" in r.json()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    assert "context" in str(e.value)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    # still serving
+    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "你好"}], max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_requests(client):
+    errors, results = [], []
+
+    def one(i):
+        try:
+            kw = dict(model="x", messages=[{"role": "user", "content": f"第{i}个问题"}], max_tokens=8, seed=i)
+            if i % 2:
+                text = "".join(c.choices[0].delta.content or "" for c in
+                               client.chat.completions.create(stream=True, **kw) if c.choices)
+            else:
+                text = client.chat.completions.create(**kw).choices[0].message.content
+            results.append((i, text))
+        except Exception as e:  # collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert sorted(i for i, _ in results) == list(range(8))
