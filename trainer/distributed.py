@@ -1,0 +1,155 @@
+"""Launch detection and the few collectives the trainer needs.
+
+One code path for every launch mode:
+
+- plain ``python 4.pretrain.py`` (CPU or one GPU): world size 1, no process group;
+- ``torchrun --nproc_per_node N [--nnodes M ...]``: ``RANK/LOCAL_RANK/WORLD_SIZE`` from the environment,
+  DistributedDataParallel;
+- ``deepspeed [--num_gpus N | --hostfile H] 4.pretrain.py [--deepspeed ds_config.json]``: the launcher
+  sets the same variables and passes ``--local_rank``; the trainer builds a real DeepSpeed engine
+  (``--deepspeed`` defaults to ``ds_config.json`` under this launcher; ``--deepspeed none`` uses DDP).
+- ``python 4.pretrain.py --deepspeed ds_config.json``: a one-process DeepSpeed engine.
+
+The backend is ``nccl`` when CUDA is available, else ``gloo``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    launcher: str  # "plain" | "torchrun" | "deepspeed"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    backend: str = "gloo"
+    device: torch.device = torch.device("cpu")
+    use_deepspeed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.use_deepspeed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect(local_rank_flag: int = -1, deepspeed_flag: str | None = None) -> DistEnv:
+    """Read the launch mode from the environment (no initialisation)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        launcher = "torchrun"
+    elif local_rank_flag >= 0 or "CROSS_RANK" in env:  # the deepspeed launcher passes --local_rank
+        launcher = "deepspeed"
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torchrun"  # any env:// launcher (e.g. a scheduler exporting the variables)
+    else:
+        launcher = "plain"
+    rank = int(env.get("RANK", 0))
+    world = int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+    if deepspeed_flag is None:
+        use_ds = launcher == "deepspeed"
+    else:
+        use_ds = str(deepspeed_flag).lower() not in ("", "none", "off", "false", "0")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistEnv(launcher=launcher, rank=rank, local_rank=local_rank, world_size=world,
+                   local_world_size=max(1, local_world), backend="nccl" if cuda else "gloo",
+                   device=device, use_deepspeed=use_ds)
+
+
+def init(d: DistEnv) -> None:
+    """Create the process group (every multi-process run, and any DeepSpeed run)."""
+    if d.device.type == "cuda":
+        torch.cuda.set_device(d.device)
+    if not d.distributed or dist.is_initialized():
+        return
+    if d.world_size == 1:  # one-process DeepSpeed engine: a private rendezvous
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    kwargs = {"backend": d.backend, "rank": d.rank, "world_size": d.world_size}
+    if d.backend == "nccl":
+        kwargs["device_id"] = d.device
+    dist.init_process_group(**kwargs)
+    if d.use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=d.backend, verbose=False)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def _comm_device() -> torch.device:
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns a new tensor on the input's device; identity in one process)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return t.clone()
+    dev = t.device
+    x = t.detach().to(_comm_device()).clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x.to(dev)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if not is_initialized() or dist.get_world_size() == 1:
+        return t.clone()
+    dev = t.device
+    x = t.detach().to(_comm_device()).clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x.to(dev)
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()

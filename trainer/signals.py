@@ -1,0 +1,65 @@
+"""Graceful stop on SIGINT / SIGTERM.
+
+The first signal only sets a flag; the trainer checks it at every optimizer-step boundary (all ranks
+agree through a MAX all-reduce), saves a checkpoint and exits with status 0. A second signal aborts
+at once (exit status 128 + signal number); the last complete checkpoint stays intact because
+checkpoints are written under a temporary name and renamed.
+
+Launchers forward signals: with ``kill -2 -PGID`` every worker gets the signal from ``kill`` *and*
+a copy (SIGINT or SIGTERM) from torchrun / the deepspeed launcher a few milliseconds later. Under a
+launcher, one more signal within ``forward_window`` seconds of the first is therefore taken as that
+copy and ignored; any signal after that window (or a third one) aborts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+
+class StopSignal:
+    def __init__(self, forward_window: float = 0.0, log=None):
+        self.forward_window = float(forward_window)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.first_at: float | None = None
+        self.signum: int | None = None
+        self.ignored = 0
+        self._old = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.first_at is not None
+
+    def install(self) -> StopSignal:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at, self.signum = now, signum
+            self.log(f"[stop] {name} received: stopping at the next step boundary, saving a checkpoint "
+                     f"(send it again to abort without saving)")
+            return
+        if self.ignored == 0 and now - self.first_at <= self.forward_window:
+            self.ignored += 1
+            return
+        self.log(f"[stop] second signal ({name}): aborting now; the last complete checkpoint is kept")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+
+def ignore_in_worker(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals (the main process handles them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

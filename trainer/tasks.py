@@ -1,0 +1,197 @@
+"""What a training stage is, for the shared trainer: the ``Task`` interface, and pretraining / SFT.
+
+A stage script builds its arguments and calls ``trainer.run(task)``; the trainer does everything else
+(launch, model, optimizer, schedule, precision, accumulation, checkpoints, logs, signals). A task only
+says which data it trains on and how a micro-batch turns into a loss.
+
+The interface (``trainer/dpo.py`` implements it too)::
+
+    class Task:
+        name: str          # "pretrain" | "sft" | "dpo"; run dir default <out_dir>/<name>_<model-tag>
+        def build_datasets(self, args, tokenizer) -> (train_ds, {eval_name: eval_ds})
+        def collate_fn(self, tokenizer) -> callable             # list of items -> batch dict
+        def compute_loss(self, model, batch) -> (loss_sum, count, metrics)
+        def evaluate(self, model, eval_batches_iter) -> dict[str, float]   # optional
+        def on_train_start(self, trainer) -> None                          # optional hook
+        def extra_eval(self, trainer) -> dict[str, float]                  # optional hook
+        def count_units(self, batch) -> int | Tensor                       # optional
+        @staticmethod
+        def add_args(parser) -> None                                       # stage-specific flags
+
+``compute_loss`` contract:
+
+- ``model`` is what the trainer trains: the bare model, a DDP wrapper or a DeepSpeed engine; call it as
+  ``model(input_ids, attention_mask=...)`` and read ``.logits``. The trainer runs the call under
+  autocast and moves the batch to the device before.
+- ``loss_sum``: the loss *summed* over the units of this micro-batch (target tokens for pretraining /
+  SFT, preference pairs for DPO). ``count``: the number of units (a tensor or int). ``metrics``: extra
+  scalars, also sums over units (e.g. ``{"rewards/accuracies": n_correct}``); the trainer divides them
+  by the global unit count of the logging window.
+- The trainer normalises by the *global* unit count of the optimizer step (all ranks, all accumulated
+  micro-batches), which it gets before the backward passes from ``count_units(batch)`` (default:
+  the number of ``targets != -100`` when the batch has ``targets``, else the batch size). A task whose
+  ``count`` is something else must override ``count_units`` so that both agree. So one process with
+  global batch B gives the same gradients as N processes with B/N each.
+- The MoE balance loss (``out.aux_loss`` of every training forward of the trained model) is added by the
+  trainer (a forward hook), with weight 1 (``aux_loss_alpha`` is inside the model); a task must not add it.
+
+``evaluate(model, batches)`` is called once per eval set with this rank's shard of that set (model in
+eval mode, under ``torch.no_grad`` and autocast, batches on the device); the default returns
+``{"loss": mean loss per unit}``, reduced over all ranks with :func:`trainer.distributed.all_reduce_sum`.
+The trainer logs it as ``<eval_name>/<key>`` (e.g. ``val/loss``). An override must reduce over ranks too.
+Every rank calls ``evaluate``, ``on_train_start`` and ``extra_eval`` (they may use collectives).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from . import distributed as dist_utils
+
+IGNORE_INDEX = -100
+
+
+def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy summed over the target tokens (fp32), and their number. ``targets`` pre-shifted."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+class Task:
+    """Base class of a training stage (see the module docstring for the contract)."""
+
+    name: str = "task"
+    #: when set (e.g. "pretrain"), ``--init_from`` defaults to ``<out_dir>/<init_from_stage>_<model tag>``
+    #: and a missing checkpoint is an error (``--init_from none`` starts from random weights on purpose)
+    init_from_stage: str | None = None
+    #: stage defaults on CPU (applied only when the run is on CPU and the flag is not given)
+    cpu_defaults: dict = {}
+    #: stage defaults for the shared flags (``trainer.args``): e.g. {"learning_rate": 2e-5}
+    defaults: dict = {}
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        """Add stage-specific flags."""
+
+    def build_datasets(self, args, tokenizer) -> tuple[Dataset, dict[str, Dataset]]:
+        raise NotImplementedError
+
+    def collate_fn(self, tokenizer) -> Callable:
+        from dataset.collate import pad_collate
+        from dataset.datasets import pad_token_id
+
+        return pad_collate(pad_token_id(tokenizer))
+
+    def compute_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def count_units(self, batch) -> torch.Tensor | int:
+        """Units of a (CPU) batch, as ``compute_loss`` will count them; used to normalise before backward."""
+        if "targets" in batch:
+            return int((batch["targets"] != IGNORE_INDEX).sum())
+        first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+        return int(first.size(0))
+
+    def evaluate(self, model, eval_batches_iter: Iterable[dict]) -> dict[str, float]:
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in eval_batches_iter:
+            loss_sum, count, _ = self.compute_loss(model, batch)
+            total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
+        total = dist_utils.all_reduce_sum(total)
+        return {"loss": float(total[0] / total[1]) if total[1] > 0 else float("nan")}
+
+    def on_train_start(self, trainer) -> None:
+        """Called once on every rank after model, data and optimizer are ready, before step 1."""
+
+    def extra_eval(self, trainer) -> dict[str, float]:
+        """Called on every rank at each evaluation; returns extra metrics to log (rank 0's are logged)."""
+        return {}
+
+
+class LMTask(Task):
+    """Next-token cross-entropy over ``targets != -100`` (shared by pretraining and SFT)."""
+
+    pass_attention_mask = True
+
+    def compute_loss(self, model, batch):
+        if self.pass_attention_mask and "attention_mask" in batch:
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        else:
+            out = model(batch["input_ids"])
+        loss_sum, count = token_ce_sum(out.logits, batch["targets"])
+        return loss_sum, count, {}
+
+
+class PretrainTask(LMTask):
+    """Pretraining on a packed ``.bin`` (windows of ``max_seq_len + 1`` tokens; no padding)."""
+
+    name = "pretrain"
+    defaults = {"learning_rate": 2e-4, "accumulation_steps": 8, "epochs": 1}
+    cpu_defaults = {"batch_size": 16, "accumulation_steps": 1, "max_seq_len": 128, "max_steps": 300,
+                    "learning_rate": 1e-3, "warmup_ratio": 0.05, "num_workers": 0, "log_interval": 20,
+                    "save_interval": 100, "eval_interval": 100, "eval_batches": 10}
+    pass_attention_mask = False  # full windows: no padding, the causal mask is enough
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--eval_data_path", default=None,
+                            help="validation .bin (default: pretrain_validation.bin beside --data_path)")
+
+    def build_datasets(self, args, tokenizer):
+        from dataset.datasets import PretrainDataset
+
+        path = Path(args.data_path or "data/pretrain/pretrain_train.bin")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"pretraining data {path} not found: build it first with `python 3.pretrain.py` "
+                f"(embedded corpus -> data/pretrain/pretrain_{{train,validation}}.bin), or pass --data_path")
+        train = PretrainDataset(path, args.max_seq_len, tokenizer)
+        evals = {}
+        eval_path = Path(args.eval_data_path) if args.eval_data_path else \
+            path.with_name(path.name.replace("_train", "_validation"))
+        if eval_path != path and eval_path.is_file():
+            evals["val"] = PretrainDataset(eval_path, args.max_seq_len, tokenizer)
+        return train, evals
+
+
+class SFTTask(LMTask):
+    """Supervised fine-tuning on chat JSONL (loss on the assistant answers and their end token)."""
+
+    name = "sft"
+    defaults = {"learning_rate": 2e-5, "accumulation_steps": 1, "epochs": 1}
+    cpu_defaults = {"batch_size": 16, "max_seq_len": 256, "max_steps": 200, "learning_rate": 3e-4,
+                    "warmup_ratio": 0.05, "num_workers": 0, "log_interval": 20, "save_interval": 100,
+                    "eval_interval": 50, "eval_batches": 10}
+    #: ``--init_from`` default: the latest checkpoint of ``<out_dir>/pretrain_<model tag>``
+    init_from_stage = "pretrain"
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--eval_data_path", default=None,
+                            help="validation JSONL (default: sft_validation.jsonl beside --data_path)")
+
+    def build_datasets(self, args, tokenizer):
+        from dataset.datasets import SFTDataset
+
+        if args.data_path:
+            path = Path(args.data_path)
+        else:
+            from dataset.embedded import ensure_embedded
+
+            path = Path(ensure_embedded("data/embedded")["sft_train"])
+        if not path.is_file():
+            raise FileNotFoundError(f"SFT data {path} not found (pass --data_path)")
+        train = SFTDataset(path, tokenizer, args.max_seq_len, on_error="skip")
+        evals = {}
+        eval_path = Path(args.eval_data_path) if args.eval_data_path else \
+            path.with_name(path.name.replace("_train", "_validation"))
+        if eval_path != path and eval_path.is_file():
+            evals["val"] = SFTDataset(eval_path, tokenizer, args.max_seq_len, on_error="skip")
+        return train, evals
