@@ -67,6 +67,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .tasks import Task
+
 IGNORE_INDEX = -100
 TIE_TOLERANCE = 1e-4  # |reward margin| at or below this is a tie in ``reward_accuracy``
 
@@ -431,8 +433,8 @@ def build_probe_datasets(args, tokenizer) -> dict[str, torch.utils.data.Dataset]
 
 
 @torch.no_grad()
-def probe_loss(model, dataset, collate, *, batch_size: int, device, autocast=None) -> float:
-    """Token-mean cross-entropy of ``model`` on the targets of ``dataset``."""
+def probe_loss_sum(model, dataset, collate, *, batch_size: int, device, autocast=None) -> tuple[float, int]:
+    """(summed cross-entropy, number of target tokens) of ``model`` on ``dataset``."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     total, count = 0.0, 0
     was_training = model.training
@@ -448,7 +450,7 @@ def probe_loss(model, dataset, collate, *, batch_size: int, device, autocast=Non
             count += int((tgt != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    return total, count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,54 +458,63 @@ def probe_loss(model, dataset, collate, *, batch_size: int, device, autocast=Non
 # --------------------------------------------------------------------------------------------------
 
 TRAIN_STORE, EVAL_STORE0 = 0, 1
+# every metric a pair batch yields when the KL is computable (the layout of the eval all-reduce)
+EVAL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected", "loss/dpo", "reward_accuracy", "logp_accuracy", "kl", "loss/sft")
 
 
-class DPOTask:
+class DPOTask(Task):
     """DPO stage for the shared trainer (see the module docstring)."""
 
     name = "dpo"
+    #: ``--init_from`` defaults to the latest checkpoint of ``out/sft_<model tag>``; missing is an error
+    init_from_stage = "sft"
+    init_from_root = "out"  # where 5.full_sft.py writes by default (used when the trainer supports it)
+    # the original 9.train_dpo.py defaults: batch 16, beta 0.2, kl 0.05, grad_clip 1.0
+    defaults = {"batch_size": 16, "learning_rate": 1e-5, "accumulation_steps": 1, "epochs": 1,
+                "grad_clip": 1.0, "warmup_ratio": 0.06, "eval_interval": 100, "log_interval": 10}
+    cpu_defaults = {"batch_size": 8, "max_seq_len": 256, "learning_rate": 1e-4, "num_workers": 0,
+                    "log_interval": 5, "save_interval": 100, "eval_interval": 20, "eval_batches": 0}
 
     def __init__(self):
         self.args = None
         self.ref_model = None
         self.stores: dict[int, RefStore] = {}
-        self.eval_store_ids: dict[str, int] = {}
         self.probes: dict[str, torch.utils.data.Dataset] = {}
-        self.last_aux_loss = None
+        self.initial_metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------------- flags
     @staticmethod
     def add_args(parser) -> None:
-        g = parser.add_argument_group("DPO")
-        g.add_argument("--pairs_path", default="./dataset/dpo_pairs.jsonl",
-                       help="training preference pairs (JSONL: canonical or original q/history/pos/neg)")
+        g = parser
+        g.add_argument("--pairs_path", default=None,
+                       help="training preference pairs, JSONL (canonical or the original q/history/pos/neg); "
+                            "--data_path is an alias [./dataset/dpo_pairs.jsonl]")
         g.add_argument("--eval_pairs_path", default=None,
-                       help="held-out pairs: reward accuracy at step 0 and every --eval_interval")
-        g.add_argument("--beta", type=float, default=0.2, help="DPO β (temperature of the implicit reward)")
+                       help="held-out pairs: reward accuracy at step 0 and every --eval_interval (logged as pairs/...)")
+        g.add_argument("--beta", type=float, default=0.2, help="DPO beta (temperature of the implicit reward)")
         g.add_argument("--kl_coef", type=float, default=0.05,
-                       help="weight of the token-mean KL(policy ‖ reference) on chosen answers (0 = off)")
+                       help="weight of the token-mean KL(policy || reference) on the chosen answers (0: off)")
         g.add_argument("--kl_topk", type=int, default=0,
-                       help="0: exact full-vocabulary KL; K>0: KL over {reference top-K} ∪ {rest} (lower bound; "
+                       help="0: exact full-vocabulary KL; K>0: KL over {reference top-K} + {rest} (a lower bound; "
                             "lets --precompute_ref free the reference model)")
         g.add_argument("--sft_coef", type=float, default=0.0,
-                       help="weight of the policy's mean NLL on the chosen answer only (0 = off)")
+                       help="weight of the policy's mean NLL on the chosen answer only (0: off)")
         g.add_argument("--length_norm", action="store_true",
-                       help="DPO term on mean instead of summed answer log-probabilities (as the original)")
+                       help="DPO term on mean instead of summed answer log-probabilities (the original's "
+                            "normalisation; needs a larger --beta)")
         g.add_argument("--precompute_ref", action="store_true",
-                       help="compute reference log-probabilities once before training, then free the reference "
-                            "(kept only for the exact KL: --kl_coef > 0 with --kl_topk 0)")
+                       help="compute the reference log-probabilities once before training and free the reference "
+                            "model (it is kept only for the exact KL: --kl_coef > 0 with --kl_topk 0)")
         g.add_argument("--ref_batch_size", type=int, default=None,
-                       help="batch size of the reference precomputation and of the probes (default --batch_size)")
+                       help="batch size of the reference precomputation and of the probes [--batch_size]")
         g.add_argument("--probe_pretrain_path", default=None,
                        help="held-out pretraining text for the forgetting probe: .bin or {\"text\"} JSONL "
-                            "(default data/pretrain/pretrain_validation.bin, else "
-                            "data/embedded/pretrain_validation.jsonl, skipped when neither exists)")
+                            "[data/pretrain/pretrain_validation.bin, else data/embedded/pretrain_validation.jsonl]")
         g.add_argument("--probe_sft_path", default=None,
-                       help="held-out SFT conversations for the forgetting probe "
-                            "(default data/embedded/sft_validation.jsonl when it exists)")
+                       help="held-out SFT conversations for the forgetting probe [data/embedded/sft_validation.jsonl]")
         g.add_argument("--probe_samples", type=int, default=64,
-                       help="sequences per probe set (pretraining windows / SFT conversations)")
-        parser.set_defaults(out_dir="out_dpo", batch_size=16, learning_rate=1e-5, grad_clip=1.0)
+                       help="sequences per probe set (pretraining windows / SFT conversations; 0: no probe)")
 
     # ---------------------------------------------------------------- data
     def _resolve_args(self, args):
@@ -514,10 +525,8 @@ class DPOTask:
                                                     "data/embedded/pretrain_validation.jsonl")
         if args.probe_sft_path is None:
             args.probe_sft_path = "data/embedded/sft_validation.jsonl"
-        if getattr(args, "init_from", None) in (None, ""):
-            raise ValueError("DPO needs --init_from: the SFT checkpoint that initialises policy and reference")
-        if not Path(args.init_from).exists():
-            raise FileNotFoundError(f"--init_from {args.init_from} not found (DPO starts from the SFT checkpoint)")
+        if args.pairs_path is None:
+            args.pairs_path = args.data_path or "./dataset/dpo_pairs.jsonl"
         if args.kl_topk < 0:
             raise ValueError("--kl_topk must be >= 0")
 
@@ -526,15 +535,17 @@ class DPOTask:
 
         self._resolve_args(args)
         self.args = args
-        train = PreferenceDataset(args.pairs_path, tokenizer, args.max_seq_len)
+        if not Path(args.pairs_path).is_file():
+            raise FileNotFoundError(f"preference pairs {args.pairs_path} not found: generate them with "
+                                    "7.gen_prefs_openai.py, or pass --pairs_path")
+        train = PreferenceDataset(args.pairs_path, tokenizer, args.max_seq_len, on_error="skip")
         if len(train) == 0:
             raise ValueError(f"{args.pairs_path}: no usable preference pairs")
         evals = {}
         if args.eval_pairs_path:
-            ev = PreferenceDataset(args.eval_pairs_path, tokenizer, args.max_seq_len)
-            self.eval_store_ids["pairs"] = EVAL_STORE0
+            ev = PreferenceDataset(args.eval_pairs_path, tokenizer, args.max_seq_len, on_error="skip")
             evals["pairs"] = IndexedPairs(ev, EVAL_STORE0)
-        self.probes = build_probe_datasets(args, tokenizer)
+        self.probes = build_probe_datasets(args, tokenizer) if args.probe_samples > 0 else {}
         self._tokenizer = tokenizer
         return IndexedPairs(train, TRAIN_STORE), evals
 
@@ -542,15 +553,25 @@ class DPOTask:
         from dataset.collate import preference_collate
         from dataset.datasets import pad_token_id
 
-        return preference_collate(pad_token_id(tokenizer))
+        pad = preference_collate(pad_token_id(tokenizer))
+
+        def collate(items):
+            batch = pad(items)
+            # both halves as the trainer's token counter sees them ([2B, T]; the loss never reads it)
+            batch["attention_mask"] = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+            return batch
+
+        return collate
+
+    def count_units(self, batch) -> int:
+        return int(batch["chosen_input_ids"].size(0))
 
     # ---------------------------------------------------------------- loss
     def _ref_for(self, batch) -> dict | None:
-        if not self.stores or "ref_key" not in batch:
+        if "ref_key" not in batch:
             return None
         key = batch["ref_key"]
-        sid = int(key[0, 0])
-        store = self.stores.get(sid)
+        store = self.stores.get(int(key[0, 0]))
         if store is None:
             return None
         return store.lookup(key[:, 1], batch["chosen_input_ids"].device)
@@ -562,20 +583,104 @@ class DPOTask:
                          want_kl=True)
 
     def compute_loss(self, model, batch):
-        res, metrics, out = self._dpo(model, batch)
-        self.last_aux_loss = getattr(out, "aux_loss", None)
+        res, metrics, _ = self._dpo(model, batch)
         return res.losses.sum(), batch["chosen_input_ids"].size(0), metrics
 
-    @torch.no_grad()
+    def kl_available(self) -> bool:
+        """Whether the KL can be computed (exactly with a reference model, or from precomputed top-k)."""
+        return self.ref_model is not None or (self.args.kl_topk > 0 and all(s.has_topk for s in self.stores.values())
+                                              and bool(self.stores))
+
     def evaluate(self, model, eval_batches_iter) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        total_loss, n = 0.0, 0
+        """Held-out pairs: loss and the pair metrics as means over pairs, reduced over all ranks."""
+        from . import distributed as dist_utils
+
+        keys = ["loss", "count", *EVAL_KEYS]
+        total = torch.zeros(len(keys), dtype=torch.float64)
         for batch in eval_batches_iter:
-            res, metrics, _ = self._dpo(model, batch)
-            total_loss += float(res.losses.sum())
-            n += batch["chosen_input_ids"].size(0)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        out = {k: v / max(n, 1) for k, v in sums.items()}
-        out["loss"] = total_loss / max(n, 1)
-        return out
+            with torch.no_grad():
+                res, metrics, _ = self._dpo(model, batch)
+            vals = {"loss": res.losses.sum(), "count": batch["chosen_input_ids"].size(0), **metrics}
+            total += torch.tensor([float(vals.get(k, 0.0)) for k in keys], dtype=torch.float64)
+        total = dist_utils.all_reduce_sum(total)
+        n = float(total[1])
+        drop = {"count"} | (set() if self.kl_available() else {"kl"})
+        return {k: float(total[i]) / n if n else float("nan") for i, k in enumerate(keys) if k not in drop}
+
+    # ---------------------------------------------------------------- hooks
+    def load_reference(self, trainer):
+        """A frozen copy of the SFT model (``trainer.init_from``), on the trainer's device."""
+        from model import MateConvForCausalLM
+
+        from . import checkpoint as ckpt_lib
+
+        if trainer.init_from is None:
+            raise ValueError("DPO needs a starting checkpoint: --init_from the SFT checkpoint or run dir "
+                             "(policy and reference both start from it)")
+        ref = MateConvForCausalLM(trainer.config)
+        ckpt_lib.load_model_weights(ref, trainer.init_from)
+        ref.to(trainer.device).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def on_train_start(self, trainer) -> None:
+        import time
+
+        a = trainer.args
+        ref = self.load_reference(trainer)
+        if a.precompute_ref:
+            t0 = time.time()
+            bs = a.ref_batch_size or a.batch_size
+            datasets = {TRAIN_STORE: trainer.train_dataset}
+            datasets.update({ds.store_id: ds for ds in trainer.eval_datasets.values() if isinstance(ds, IndexedPairs)})
+            for sid, ds in datasets.items():
+                self.stores[sid] = precompute_reference(ref, ds, trainer.collate, batch_size=bs, device=trainer.device,
+                                                        topk=a.kl_topk, autocast=trainer.autocast)
+            keep = a.kl_coef > 0 and a.kl_topk == 0
+            trainer.log(f"dpo: reference log-probabilities of {sum(len(d) for d in datasets.values())} pairs "
+                        f"precomputed in {time.time() - t0:.1f}s"
+                        + (f" (+ top-{a.kl_topk} reference distribution per chosen token)" if a.kl_topk else "")
+                        + ("; reference model kept for the exact KL (--kl_topk K frees it)" if keep
+                           else "; reference model freed"))
+            self.ref_model = ref if keep else None
+            if not keep:
+                del ref
+        else:
+            self.ref_model = ref
+        trainer.log(f"dpo: beta {a.beta}, kl_coef {a.kl_coef} (KL(policy||reference) on chosen answers, "
+                    f"{'exact' if a.kl_topk == 0 else f'top-{a.kl_topk} coarse-grained'}), sft_coef {a.sft_coef}, "
+                    f"length_norm {a.length_norm}, reference {'precomputed' if a.precompute_ref else 'live'} "
+                    f"from {trainer.init_from}; probes {sorted(self.probes) or 'none'}")
+        if trainer.step == 0 and (trainer.eval_datasets or self.probes):
+            t0 = time.time()
+            res = trainer.evaluate()
+            self.initial_metrics = res
+            trainer.logger.metrics({"step": 0, "epoch": 0.0, **res})
+            trainer.log("eval step 0 (before DPO): " + " ".join(f"{k} {v:.4f}" for k, v in res.items())
+                        + f" ({time.time() - t0:.1f}s)")
+
+    def extra_eval(self, trainer) -> dict[str, float]:
+        """Forgetting probe: token-mean loss on held-out pretraining text and SFT answers (all ranks)."""
+        from dataset.collate import pad_collate
+        from dataset.datasets import pad_token_id
+
+        from . import distributed as dist_utils
+
+        if not self.probes:
+            return {}
+        collate = pad_collate(pad_token_id(trainer.tokenizer))
+        bs = self.args.ref_batch_size or self.args.batch_size
+        rank, world = trainer.dist.rank, trainer.dist.world_size
+        names = sorted(self.probes)
+        total = torch.zeros(2 * len(names), dtype=torch.float64)
+        for i, name in enumerate(names):
+            ds = self.probes[name]
+            shard = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
+            if len(shard):
+                s, n = probe_loss_sum(trainer.train_model, shard, collate, batch_size=bs, device=trainer.device,
+                                      autocast=trainer.autocast)
+                total[2 * i], total[2 * i + 1] = s, n
+        total = dist_utils.all_reduce_sum(total)
+        return {f"probe/{name}_loss": float(total[2 * i] / total[2 * i + 1]) if total[2 * i + 1] > 0 else float("nan")
+                for i, name in enumerate(names)}

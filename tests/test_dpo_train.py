@@ -1,0 +1,124 @@
+"""9.train_dpo.py on the real shared trainer: SFT checkpoint -> DPO, held-out reward accuracy at step 0 and
+after training, forgetting probe, missing --init_from, and resume. Tiny real model and a real tokenizer."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import trainer
+from trainer import SFTTask
+from trainer.dpo import DPOTask
+
+TOKENIZER = str(Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer")
+
+POEMS = [
+    ("床前明月光", "疑是地上霜"), ("举头望明月", "低头思故乡"), ("白日依山尽", "黄河入海流"),
+    ("欲穷千里目", "更上一层楼"), ("春眠不觉晓", "处处闻啼鸟"), ("夜来风雨声", "花落知多少"),
+    ("红豆生南国", "春来发几枝"), ("愿君多采撷", "此物最相思"), ("千山鸟飞绝", "万径人踪灭"),
+    ("孤舟蓑笠翁", "独钓寒江雪"), ("松下问童子", "言师采药去"), ("只在此山中", "云深不知处"),
+    ("离离原上草", "一岁一枯荣"), ("野火烧不尽", "春风吹又生"), ("锄禾日当午", "汗滴禾下土"),
+    ("谁知盘中餐", "粒粒皆辛苦"), ("空山不见人", "但闻人语响"), ("返景入深林", "复照青苔上"),
+    ("独在异乡为异客", "每逢佳节倍思亲"), ("两岸猿声啼不住", "轻舟已过万重山"),
+    ("海内存知己", "天涯若比邻"), ("会当凌绝顶", "一览众山小"), ("国破山河在", "城春草木深"),
+    ("劳动最光荣", "学习最快乐"),
+]
+
+
+def _garble(text: str, rng: random.Random) -> str:
+    chars = list(text)
+    rng.shuffle(chars)
+    return "嗯" + "".join(chars) + "吧吧吧"
+
+
+def _write(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    rng = random.Random(0)
+    sft = [{"id": f"s{i}", "task": "next_line", "conversations": [
+        {"role": "user", "content": f"“{a}”的下一句是什么？"}, {"role": "assistant", "content": f"{b}。"}]}
+        for i, (a, b) in enumerate(POEMS)]
+    pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"“{a}”的下一句是什么？"}],
+              "chosen": f"{b}。", "rejected": _garble(b, rng)} for i, (a, b) in enumerate(POEMS)]
+    paths = {
+        "sft": _write(root / "sft.jsonl", sft),
+        "sft_val": _write(root / "sft_val.jsonl", sft[-8:]),
+        "pairs": _write(root / "pairs_train.jsonl", pairs[:16]),
+        "eval_pairs": _write(root / "pairs_val.jsonl", pairs[16:]),
+        "pretrain_val": _write(root / "pretrain_val.jsonl", [{"text": f"{a}，{b}。"} for a, b in POEMS[:8]]),
+        "config": _write(root / "tiny.json", []),
+    }
+    Path(paths["config"]).write_text(json.dumps({
+        "vocab_size": 6400, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128, "use_moe": True,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32}))
+    common = ["--device", "cpu", "--num_threads", "1", "--tokenizer", TOKENIZER, "--max_seq_len", "64",
+              "--dtype", "float32", "--num_workers", "0", "--log_interval", "1"]
+    out = root / "out"
+    rc = trainer.run(SFTTask(), ["--model", paths["config"], "--init_from", "none", "--data_path", paths["sft"],
+                                 "--out_dir", str(out), "--run_name", "sft", "--max_steps", "30", "--batch_size", "8",
+                                 "--learning_rate", "3e-3", "--eval_interval", "0", *common])
+    assert rc == 0
+    return root, out, paths, common
+
+
+def _dpo_args(out, paths, common, run_name, *extra):
+    return ["--init_from", str(out / "sft"), "--pairs_path", paths["pairs"], "--eval_pairs_path",
+            paths["eval_pairs"], "--out_dir", str(out), "--run_name", run_name, "--batch_size", "8",
+            "--learning_rate", "2e-3", "--beta", "0.2", "--kl_coef", "0.05", "--warmup_ratio", "0",
+            "--accumulation_steps", "2", "--grad_clip", "1.0", "--probe_pretrain_path", paths["pretrain_val"],
+            "--probe_sft_path", paths["sft_val"], *common, *extra]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_dpo_raises_heldout_reward_accuracy_and_reports_probe(setup):
+    root, out, paths, common = setup
+    rc = trainer.run(DPOTask(), _dpo_args(out, paths, common, "dpo", "--max_steps", "8", "--eval_interval", "4",
+                                          "--precompute_ref", "--kl_topk", "32"))
+    assert rc == 0
+    recs = _records(out / "dpo")
+    evals = [r for r in recs if "pairs/reward_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    first, last = evals[0], evals[-1]
+    assert first["pairs/reward_accuracy"] == 0.5 and abs(first["pairs/rewards/margins"]) < 1e-4
+    assert abs(first["pairs/kl"]) < 1e-4
+    assert last["pairs/rewards/accuracies"] > 0.5 and last["pairs/rewards/margins"] > 0
+    for r in evals:
+        assert r["probe/pretrain_loss"] > 0 and r["probe/sft_loss"] > 0
+    train = [r for r in recs if "rewards/accuracies" in r and "loss" in r]
+    assert len(train) == 8
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl",
+              "moe/balance_loss"):
+        assert k in train[-1]
+    assert train[-1]["kl"] > 0
+
+
+def test_missing_sft_checkpoint_is_an_error(setup):
+    root, out, paths, common = setup
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        trainer.run(DPOTask(), _dpo_args(out, paths, common, "dpo_missing", "--max_steps", "1",
+                                         "--init_from", str(root / "nowhere")))
+
+
+def test_resume_continues_from_the_sft_reference(setup):
+    root, out, paths, common = setup
+    args = ["--eval_interval", "0", "--eval_pairs_path", "", "--max_steps", "4"]
+    assert trainer.run(DPOTask(), _dpo_args(out, paths, common, "full", "--save_interval", "2", *args)) == 0
+    mid = out / "full" / "checkpoints" / "step_0000002"
+    # a second run resumed from the step-2 checkpoint: the reference is still the SFT model, so steps 3-4 match
+    assert trainer.run(DPOTask(), _dpo_args(out, paths, common, "resumed", "--resume", str(mid), *args)) == 0
+    full = {r["step"]: r for r in _records(out / "full") if "rewards/margins" in r}
+    resumed = {r["step"]: r for r in _records(out / "resumed") if "rewards/margins" in r}
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for k in ("loss", "rewards/margins", "kl"):
+            assert resumed[step][k] == pytest.approx(full[step][k], rel=1e-4, abs=1e-6)
