@@ -24,6 +24,7 @@ from .errors import DataError, Report, check_on_error
 from .jsonl import Progress, atomic_open, check_file, iter_raw_lines, ordered_map, parse_json_line
 
 _TOK = None
+_FAST = None  # the Rust tokenizer (truncation/padding off) when the tokenizer is a fast one
 _SPECIAL: tuple = (None, None)
 
 
@@ -32,14 +33,30 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 
 def _init_worker(tokenizer_or_path, bos, eos):
-    global _TOK, _SPECIAL
+    global _TOK, _FAST, _SPECIAL
     if isinstance(tokenizer_or_path, (str, Path)):
         from tokenizer import load_tokenizer
 
         _TOK = load_tokenizer(tokenizer_or_path)
     else:
         _TOK = tokenizer_or_path
+    _FAST = None
+    backend = getattr(_TOK, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        from tokenizers import Tokenizer
+
+        _FAST = Tokenizer.from_str(backend.to_str())  # a private copy: never truncate or pad
+        _FAST.no_truncation()
+        _FAST.no_padding()
     _SPECIAL = (bos, eos)
+
+
+def encode_texts(texts: list[str]) -> list[list[int]]:
+    """Batch-encode without special tokens: the Rust batch call (no offsets) for fast tokenizers,
+    ``tokenizer(list_of_texts)`` otherwise. Gives the same ids as ``tokenizer.encode`` per text."""
+    if _FAST is not None:
+        return [e.ids for e in _FAST.encode_batch_fast(texts, add_special_tokens=False)]
+    return _TOK(texts, add_special_tokens=False)["input_ids"]
 
 
 def encode_batch(task) -> tuple:
@@ -63,7 +80,7 @@ def encode_batch(task) -> tuple:
     if not texts:
         return b"", 0, -1, errors
     bos, eos = _SPECIAL
-    enc = _TOK(texts, add_special_tokens=False)["input_ids"]
+    enc = encode_texts(texts)
     head = [bos] if bos is not None else []
     flat = []
     for ids in enc:
@@ -113,13 +130,13 @@ def build_bin(inputs, output, tokenizer=None, *, workers: int = 1, batch_size: i
         raise ValueError(f"output must end with .bin: {output}")
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tok = load_tokenizer(tokenizer)
-        tok_ref, tok_name = str(Path(tokenizer).resolve()) if tokenizer else None, tokenizer
-        if tok_ref is None:
+        if tokenizer is None:
             from tokenizer import DEFAULT_TOKENIZER_DIR
 
-            tok_ref, tok_name = str(DEFAULT_TOKENIZER_DIR), str(DEFAULT_TOKENIZER_DIR)
+            tokenizer = DEFAULT_TOKENIZER_DIR
+        tok_name = str(tokenizer)
     else:
-        tok, tok_ref, tok_name = tokenizer, tokenizer, getattr(tokenizer, "name_or_path", None)
+        tok, tok_name = tokenizer, getattr(tokenizer, "name_or_path", None)
     if not getattr(tok, "is_fast", False):
         log("warning: not a fast tokenizer; batch encoding will be slow")
     vocab = len(tok)
@@ -141,8 +158,9 @@ def build_bin(inputs, output, tokenizer=None, *, workers: int = 1, batch_size: i
     max_id = -1
     done = 0
     with atomic_open(output, "wb", encoding=None) as f:
+        # workers are forked: they inherit the loaded tokenizer instead of loading it again
         for blob, n_docs, top, errors in ordered_map(encode_batch, feed(), workers, initializer=_init_worker,
-                                                       initargs=(tok_ref, bos, eos)):
+                                                       initargs=(tok, bos, eos)):
             report.seen += n_docs + len(errors)
             for e in errors:  # in line order within the batch
                 report.error(e)
