@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 / float16 (default: as saved)")
     p.add_argument("--max_context", type=int, default=None,
                    help="context window in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--log_level", default="info")
     return p
 
@@ -33,6 +34,10 @@ def main(argv=None) -> int:
     from .app import create_app
     from .engine import Engine
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     api_key = args.api_key or os.environ.get("MATECONV_API_KEY") or None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     engine = Engine.from_dir(args.model, args.tokenizer, args.model_name, device=args.device, dtype=args.dtype,
