@@ -1,0 +1,351 @@
+"""The run report: built from a real (micro) run — two arms x two seeds trained for a few real steps on
+real data with the real tokenizer, evaluated with ``evaluation.evaluate`` — then cross-checked: every
+number in report.md equals report.json, and report.json's numbers equal what the metrics files say."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation import report as report_mod
+from evaluation.evaluate import evaluate_checkpoint
+from evaluation.heldout import items_loss, pretrain_items
+from evaluation.metrics import paired_bootstrap, paired_ratio_bootstrap, seed_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_TOK = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+
+POEMS = [
+    ("静夜思", "李白", "床前明月光，疑是地上霜。举头望明月，低头思故乡。"),
+    ("春晓", "孟浩然", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"),
+    ("登鹳雀楼", "王之涣", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"),
+    ("相思", "王维", "红豆生南国，春来发几枝。愿君多采撷，此物最相思。"),
+    ("江雪", "柳宗元", "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。"),
+    ("悯农", "李绅", "锄禾日当午，汗滴禾下土。谁知盘中餐，粒粒皆辛苦。"),
+    ("咏鹅", "骆宾王", "鹅鹅鹅，曲项向天歌。白毛浮绿水，红掌拨清波。"),
+    ("登高", "杜甫", "风急天高猿啸哀，渚清沙白鸟飞回。无边落木萧萧下，不尽长江滚滚来。"),
+    ("鹿柴", "王维", "空山不见人，但闻人语响。返景入深林，复照青苔上。"),
+    ("寻隐者不遇", "贾岛", "松下问童子，言师采药去。只在此山中，云深不知处。"),
+    ("画", "王维", "远看山有色，近听水无声。春去花还在，人来鸟不惊。"),
+    ("池上", "白居易", "小娃撑小艇，偷采白莲回。不解藏踪迹，浮萍一道开。"),
+]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_data(d: Path) -> dict[str, Path]:
+    """Split by poem: 6 train, 3 validation, 3 test. SFT tasks: author (exact) and the full text."""
+    d.mkdir(parents=True, exist_ok=True)
+    splits = {"train": POEMS[:6], "validation": POEMS[6:9], "test": POEMS[9:]}
+    out = {}
+    for split, poems in splits.items():
+        out[f"pretrain_{split}"] = _write(d / f"pretrain_{split}.jsonl", [{"text": f"《{t}》{a}：{b}"} for t, a, b in poems])
+        sft = []
+        for t, a, b in poems:
+            sft.append({"id": f"{t}-author", "task": "author", "answer": a, "conversations": [
+                {"role": "user", "content": f"《{t}》的作者是谁？"}, {"role": "assistant", "content": a}]})
+            sft.append({"id": f"{t}-text", "task": "recite", "conversations": [
+                {"role": "user", "content": f"请背诵《{t}》。"}, {"role": "assistant", "content": b}]})
+        out[f"sft_{split}"] = _write(d / f"sft_{split}.jsonl", sft)
+    pairs = [{"q": f"《{t}》的作者是谁？", "history": [], "pos": a, "neg": POEMS[(i + 1) % 6][1]}
+             for i, (t, a, _) in enumerate(POEMS[:6])]
+    out["pairs_train"] = _write(d / "pairs_train.jsonl", pairs)
+    return out
+
+
+MICRO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             intermediate_size=64, max_position_embeddings=96)
+ARMS = {"dense": ("mateconv-tiny", {}),
+        "moe": ("mateconv-moe-tiny", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16))}
+
+
+def _pad_batch(items, key_ids="input_ids", key_tgt="targets", pad=2):
+    n = max(len(it[key_ids]) for it in items)
+    ids = torch.full((len(items), n), pad)
+    tgt = torch.full((len(items), n), -100)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    for i, it in enumerate(items):
+        k = len(it[key_ids])
+        ids[i, :k], tgt[i, :k], mask[i, :k] = it[key_ids], it[key_tgt], 1
+    return ids, tgt, mask
+
+
+def _ce_steps(model, items, steps, rows, stage_tokens, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ids, tgt, mask = _pad_batch(items)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        model.train()
+        out = model(input_ids=ids, attention_mask=mask)
+        ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), tgt.reshape(-1),
+                                               ignore_index=-100)
+        (ce + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_router_bias()
+        stage_tokens += int(mask.sum())
+        rows.append({"step": step, "epoch": step, "loss": float(ce.detach()), "lr": lr, "tokens": stage_tokens,
+                     "tokens_per_s": stage_tokens / max(time.time() - t0, 1e-6), "elapsed_s": time.time() - t0})
+    return stage_tokens
+
+
+def build_run(run_dir: Path, tok, seeds=(0, 1)) -> Path:
+    from dataset.datasets import PreferenceDataset, SFTDataset
+    from model import MateConvForCausalLM, get_config
+    from trainer.dpo import answer_logps, dpo_loss
+
+    data = make_data(run_dir / "data")
+    pre_train = [{"input_ids": torch.tensor(w[:-1]), "targets": torch.tensor(w[1:])}
+                 for w in ([1] + tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [2]
+                           for line in data["pretrain_train"].read_text(encoding="utf-8").splitlines())]
+    pre_val = pretrain_items(data["pretrain_validation"], tok, 64)
+    sft_train = [SFTDataset(data["sft_train"], tok, 64)[i] for i in range(12)]
+    sft_val_ds = SFTDataset(data["sft_validation"], tok, 64)
+    sft_val = [sft_val_ds[i] for i in range(len(sft_val_ds))]
+    pairs_ds = PreferenceDataset(data["pairs_train"], tok, 64)
+    pairs = [pairs_ds[i] for i in range(len(pairs_ds))]
+    (run_dir / "run.json").write_text(json.dumps({"baseline_arm": "dense", "max_seq_len": 64}), encoding="utf-8")
+    for arm, (preset, extra) in ARMS.items():
+        for seed in seeds:
+            torch.manual_seed(seed)
+            model = MateConvForCausalLM(get_config(preset, **MICRO, **extra))
+            base = run_dir / "arms" / arm / f"seed{seed}"
+            for stage, items in (("pretrain", pre_train), ("sft", sft_train)):
+                rows = []
+                _ce_steps(model, items, 2, rows, 0)
+                val = pre_val if stage == "pretrain" else sft_val
+                rows.append({"step": 2, "epoch": 2, "val/loss": items_loss(model, val, 8)["loss"]})
+                (base / stage).mkdir(parents=True, exist_ok=True)
+                _write(base / stage / "metrics.jsonl", rows)
+            model.save_pretrained(base / "sft")
+            ref = copy.deepcopy(model).eval()
+            opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+            ci, ct, cm = _pad_batch(pairs, "chosen_input_ids", "chosen_targets")
+            ri, rt, rm = _pad_batch(pairs, "rejected_input_ids", "rejected_targets")
+            with torch.no_grad():
+                rc, _ = answer_logps(ref(input_ids=ci, attention_mask=cm).logits, ct)
+                rr, _ = answer_logps(ref(input_ids=ri, attention_mask=rm).logits, rt)
+                ref_chosen_logits = ref(input_ids=ci, attention_mask=cm).logits
+            rows = []
+            for step in range(0, 3):
+                if step > 0:
+                    model.train()
+                    lc = model(input_ids=ci, attention_mask=cm).logits
+                    pc, _ = answer_logps(lc, ct)
+                    pr, _ = answer_logps(model(input_ids=ri, attention_mask=rm).logits, rt)
+                    res = dpo_loss(pc, pr, rc, rr, beta=0.2)
+                    res.losses.mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+                model.eval()
+                with torch.no_grad():
+                    lc = model(input_ids=ci, attention_mask=cm).logits
+                    pc, _ = answer_logps(lc, ct)
+                    pr, _ = answer_logps(model(input_ids=ri, attention_mask=rm).logits, rt)
+                    res = dpo_loss(pc, pr, rc, rr, beta=0.2)
+                    lp, lq = lc.log_softmax(-1), ref_chosen_logits.log_softmax(-1)
+                    kl_tok = (lp.exp() * (lp - lq)).sum(-1)
+                    kl = float((kl_tok * (ct != -100)).sum() / (ct != -100).sum())
+                rows.append({"step": step, "loss": float(res.losses.mean()),
+                             "rewards/chosen": float(res.chosen_rewards.mean()),
+                             "rewards/rejected": float(res.rejected_rewards.mean()),
+                             "rewards/margins": float((res.chosen_rewards - res.rejected_rewards).mean()),
+                             "rewards/accuracies": float((res.chosen_rewards > res.rejected_rewards).float().mean()),
+                             "kl": kl, "probe/pretrain_loss": items_loss(model, pre_val, 8)["loss"],
+                             "probe/sft_loss": items_loss(model, sft_val, 8)["loss"]})
+            (base / "dpo").mkdir(parents=True, exist_ok=True)
+            _write(base / "dpo" / "metrics.jsonl", rows)
+            model.save_pretrained(base / "dpo")
+            for stage in ("sft", "dpo"):
+                evaluate_checkpoint(base / stage, out=run_dir / "eval" / f"{arm}_seed{seed}_{stage}.json",
+                                    tokenizer=FIXTURE_TOK, split="validation", data_dir=run_dir / "data",
+                                    max_examples=4, max_new_tokens=4, max_seq_len=64, seed=0, n_resamples=500)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(FIXTURE_TOK)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: oversubscription costs more than it gains
+    try:
+        run_dir = build_run(tmp_path_factory.mktemp("run"), tok)
+    finally:
+        torch.set_num_threads(threads)
+    rep = report_mod.write_report(run_dir, n_resamples=500, seed=0)
+    return run_dir, rep
+
+
+def _eval(run_dir, arm, seed, stage):
+    return json.loads((run_dir / "eval" / f"{arm}_seed{seed}_{stage}.json").read_text(encoding="utf-8"))
+
+
+def _gens(run_dir, arm, seed, stage):
+    p = run_dir / "eval" / f"{arm}_seed{seed}_{stage}_generations.jsonl"
+    return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()]
+
+
+def test_report_files_and_figures_exist(tiny_run):
+    run_dir, rep = tiny_run
+    assert (run_dir / "report.md").is_file() and (run_dir / "report.json").is_file()
+    names = {Path(f["file"]).name for f in rep["figures"]}
+    assert {"loss_by_step.png", "loss_by_flops.png", "dpo_curves.png", "expert_load_moe_sft.png",
+            "expert_load_moe_dpo.png", "arm_differences.png"} <= names
+    for f in rep["figures"]:
+        png = run_dir / f["file"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert rep["training_seeds"] == {"dense": [0, 1], "moe": [0, 1]}
+    assert rep["baseline_arm"] == "dense"
+    assert rep["arms"]["moe"]["use_moe"] is True and rep["arms"]["dense"]["use_moe"] is False
+
+
+def test_metric_table_matches_eval_files(tiny_run):
+    run_dir, rep = tiny_run
+    rows = {(r["arm"], r["stage"], r["metric"]): r for r in rep["table"]}
+    for arm in ("dense", "moe"):
+        for stage in ("sft", "dpo"):
+            evs = [_eval(run_dir, arm, s, stage) for s in (0, 1)]
+            r = rows[(arm, stage, "pretrain_loss")]
+            assert r["per_seed"]["0"]["value"] == evs[0]["pretrain"]["loss"]
+            assert r["per_seed"]["1"]["ci_low"] == evs[1]["pretrain"]["loss_ci_low"]
+            vals = [e["pretrain"]["loss"] for e in evs]
+            assert r["mean"] == pytest.approx(sum(vals) / 2) and r["std"] == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2))
+            # the generation metric is the mean of the per-example file
+            for s in (0, 1):
+                g = _gens(run_dir, arm, s, stage)
+                f1 = sum(x["token_f1_char"] for x in g) / len(g)
+                assert rows[(arm, stage, "token_f1_char")]["per_seed"][str(s)]["value"] == pytest.approx(f1)
+                em = [x["exact_match"] for x in g if "exact_match" in x]
+                if em:
+                    assert rows[(arm, stage, "exact_accuracy")]["per_seed"][str(s)]["value"] == pytest.approx(
+                        sum(em) / len(em))
+    assert (("moe", "sft", "router_max_violation") in rows) and (("dense", "sft", "router_max_violation") not in rows)
+
+
+def test_comparisons_and_forgetting_recomputed(tiny_run):
+    run_dir, rep = tiny_run
+    comp = {(c["arm"], c["stage"], c["metric"]): c for c in rep["comparisons"]}
+    c = comp[("moe", "sft", "rouge_l_char")]
+    per = []
+    for s in (0, 1):
+        a = {x["id"]: x["rouge_l_char"] for x in _gens(run_dir, "moe", s, "sft")}
+        b = {x["id"]: x["rouge_l_char"] for x in _gens(run_dir, "dense", s, "sft")}
+        ids = sorted(a)
+        r = paired_bootstrap([a[i] for i in ids], [b[i] for i in ids], 500, 0)
+        assert c["per_seed"][str(s)]["diff"] == pytest.approx(r["diff"])
+        assert c["per_seed"][str(s)]["ci_low"] == pytest.approx(r["ci_low"])
+        per.append(r["diff"])
+    assert c["across_seeds"]["mean"] == pytest.approx(seed_summary(per)["mean"])
+    c = comp[("moe", "dpo", "sft_loss")]
+    ea, eb = _eval(run_dir, "moe", 1, "dpo"), _eval(run_dir, "dense", 1, "dpo")
+    assert c["per_seed"]["1"]["diff"] == pytest.approx(ea["sft"]["loss"] - eb["sft"]["loss"])
+    forg = {(f["arm"], f["heldout"]): f for f in rep["forgetting"]}
+    assert set(forg) == {(a, p) for a in ("dense", "moe") for p in ("pretrain", "sft")}
+    for (arm, part), f in forg.items():
+        for s in (0, 1):
+            d, sft = _eval(run_dir, arm, s, "dpo")[part], _eval(run_dir, arm, s, "sft")[part]
+            r = paired_ratio_bootstrap(d["item_nll_sum"], sft["item_nll_sum"], sft["item_tokens"], 500, 0)
+            got = f["per_seed"][str(s)]
+            assert got["diff"] == pytest.approx(d["loss"] - sft["loss"])
+            assert (got["ci_low"], got["ci_high"]) == pytest.approx((r["ci_low"], r["ci_high"]))
+            assert got["ci_low"] <= got["diff"] <= got["ci_high"]
+
+
+def test_routing_matches_eval_files(tiny_run):
+    run_dir, rep = tiny_run
+    (r,) = [x for x in rep["routing"] if x["arm"] == "moe" and x["stage"] == "sft"]
+    evs = [_eval(run_dir, "moe", s, "sft")["routing"] for s in (0, 1)]
+    for i, lay in enumerate(r["layers"]):
+        for e, v in enumerate(lay["load_fraction"]):
+            assert v == pytest.approx((evs[0]["layers"][i]["load_fraction"][e] + evs[1]["layers"][i]["load_fraction"][e]) / 2)
+        assert lay["max_violation"]["mean"] == pytest.approx(
+            (evs[0]["layers"][i]["max_violation"] + evs[1]["layers"][i]["max_violation"]) / 2)
+        assert sum(lay["load_fraction"]) == pytest.approx(1.0)
+    assert not [x for x in rep["routing"] if x["arm"] == "dense"]
+
+
+def test_training_numbers_match_metrics_jsonl(tiny_run):
+    run_dir, rep = tiny_run
+    for t in rep["training"]:
+        rows = [json.loads(x) for x in (run_dir / "arms" / t["arm"] / f"seed{t['seed']}" / t["stage"] /
+                                        "metrics.jsonl").read_text().splitlines()]
+        assert t["final_train_loss"] == [r["loss"] for r in rows if "loss" in r][-1]
+        if t["stage"] in ("pretrain", "sft"):
+            assert t["final_val/loss"] == rows[-1]["val/loss"]
+
+
+_NUM = re.compile(r"-?\d+\.\d+")
+
+
+def test_markdown_numbers_equal_report_json(tiny_run):
+    run_dir, rep = tiny_run
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    table = md.split("## All metrics")[1].split("## Training")[0]
+    md_rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in ("dense", "moe"):
+            md_rows[tuple(cells[:3])] = cells
+    assert len(md_rows) == len(rep["table"]) > 20
+    for r in rep["table"]:
+        cells = md_rows[(r["arm"], r["stage"], r["metric"])]
+        value = [float(x) for x in _NUM.findall(cells[3])]
+        assert value[0] == pytest.approx(r["mean"], abs=1e-4, rel=1e-4)
+        assert value[1] == pytest.approx(r["std"], abs=1e-4, rel=1e-4)  # 2 seeds: mean ± std
+        if r.get("ci_low") is not None:
+            lo, hi = (float(x) for x in _NUM.findall(cells[4]))
+            assert (lo, hi) == pytest.approx((r["ci_low"], r["ci_high"]), abs=1e-4, rel=1e-4)
+        assert cells[5] == "0, 1"
+    forg = md.split("## Forgetting")[1].split("## Expert load")[0]
+    for f in rep["forgetting"]:
+        line = next(x for x in forg.splitlines() if x.startswith(f"| {f['arm']} | {f['heldout']} |"))
+        nums = [float(x) for x in _NUM.findall(line)]
+        assert nums[0] == pytest.approx(f["across_seeds"]["mean"], abs=1e-4)
+        assert nums[1] == pytest.approx(f["across_seeds"]["std"], abs=1e-4)
+        d0 = f["per_seed"]["0"]
+        assert nums[2:7] == pytest.approx([d0["sft_loss"], d0["dpo_loss"], d0["diff"], d0["ci_low"], d0["ci_high"]],
+                                          abs=1e-4)
+    # every number printed in the comparison section is one of report.json's comparison numbers
+    comp_md = md.split("## Dense vs MoE")[1].split("## Forgetting")[0]
+    known = {round(v, 4) for c in rep["comparisons"] for v in
+             [*(c["across_seeds"][k] for k in ("mean", "std", "ci_low", "ci_high") if c["across_seeds"][k] is not None),
+              *(d[k] for d in c["per_seed"].values() for k in ("diff", "ci_low", "ci_high"))]}
+    printed = [float(x) for x in _NUM.findall(comp_md)]
+    assert printed and all(round(x, 4) in known or any(abs(x - k) <= 1.01e-4 for k in known) for x in printed)
+
+
+def test_no_metric_used_training_data(tiny_run):
+    run_dir, rep = tiny_run
+    for name, e in rep["evaluations"].items():
+        assert e["split"] == "validation"
+        for key in ("pretrain_file", "sft_file", "generation_file"):
+            assert "train" not in Path(e[key]).stem.replace("pretrain", ""), (name, key, e[key])
+    train_ids = {json.loads(x)["id"] for x in (run_dir / "data" / "sft_train.jsonl").read_text().splitlines()}
+    for p in (run_dir / "eval").glob("*_generations.jsonl"):
+        ids = {json.loads(x)["id"] for x in p.read_text().splitlines()}
+        assert ids and not ids & train_ids
+    ev = _eval(run_dir, "moe", 0, "sft")
+    assert ev["sft"]["train_overlap_check"]["checked"] is True
+
+
+def test_report_tolerates_missing_files(tmp_path):
+    (tmp_path / "arms" / "dense" / "seed0" / "pretrain").mkdir(parents=True)
+    _write(tmp_path / "arms" / "dense" / "seed0" / "pretrain" / "metrics.jsonl",
+           [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}])
+    rep = report_mod.write_report(tmp_path, n_resamples=100)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert rep["table"] == [] and any("no evaluation files" in n for n in rep["notes"])
+    assert "no DPO" in md or "no dpo" in md
+    assert (tmp_path / "figures" / "loss_by_step.png").is_file()
