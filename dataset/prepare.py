@@ -321,12 +321,12 @@ def csv_row_to_sft(row: dict, path=None, line=None, system: str | None = None) -
 
 
 def canonical_sft(obj: dict, path=None, line=None, system: str | None = None) -> dict:
+    """Canonical SFT record -> itself, validated (extra fields such as ``task``/``answer`` kept)."""
     msgs = check_conversations(obj.get("conversations"), path, line)
     if system and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system}, *msgs]
-    out = {"id": obj.get("id"), "conversations": msgs}
-    if isinstance(obj.get("task"), str):
-        out["task"] = obj["task"]
+    out = {"id": obj.get("id"), **obj}  # other fields (task, answer, ...) are kept as they are
+    out["conversations"] = msgs
     return out
 
 

@@ -123,3 +123,25 @@ def test_cli_runs_and_limit(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "3 records, kept 2" in r.stdout
     assert len(read(out)) == 2
+
+
+def test_notebook_executes_on_embedded_data(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    import os
+
+    nb = nbformat.read(ROOT / "2.Prepare_Train_Data.ipynb", as_version=4)
+    env = {"MATECONV_PREPARED_DIR": str(tmp_path), "MATECONV_NB_LIMIT": "500"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+                                ).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert len(read(tmp_path / "sft_train.jsonl")) == 500
+    assert len(read(tmp_path / "pretrain_train.jsonl")) == 500
