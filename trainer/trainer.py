@@ -242,7 +242,7 @@ class Trainer:
             init = spec
         stage = getattr(self.task, "init_from_stage", None)
         if init is None and stage:
-            init = str(Path(a.out_dir) / f"{stage}_{tag}")
+            init = str(Path(getattr(self.task, "init_from_root", None) or a.out_dir) / f"{stage}_{tag}")
             auto = True
         else:
             auto = False
