@@ -242,7 +242,10 @@ class Trainer:
             init = spec
         stage = getattr(self.task, "init_from_stage", None)
         if init is None and stage:
-            init = str(Path(getattr(self.task, "init_from_root", None) or a.out_dir) / f"{stage}_{tag}")
+            # <out_dir>/<stage>_<tag>, else the stage's own default root (Task.init_from_root, e.g. "out")
+            roots = [a.out_dir, *([self.task.init_from_root] if getattr(self.task, "init_from_root", None) else [])]
+            cands = [str(Path(r) / f"{stage}_{tag}") for r in roots]
+            init = next((c for c in cands if ckpt_lib.resolve_checkpoint(c)), cands[0])
             auto = True
         else:
             auto = False
