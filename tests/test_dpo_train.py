@@ -62,14 +62,15 @@ def setup(tmp_path_factory):
               "--dtype", "float32", "--num_workers", "0", "--log_interval", "1"]
     out = root / "out"
     rc = trainer.run(SFTTask(), ["--model", paths["config"], "--init_from", "none", "--data_path", paths["sft"],
-                                 "--out_dir", str(out), "--run_name", "sft", "--max_steps", "30", "--batch_size", "8",
+                                 "--out_dir", str(out), "--run_name", "sft_mateconv-tiny", "--max_steps", "12", "--batch_size", "8",
                                  "--learning_rate", "3e-3", "--eval_interval", "0", *common])
     assert rc == 0
     return root, out, paths, common
 
 
 def _dpo_args(out, paths, common, run_name, *extra):
-    return ["--init_from", str(out / "sft"), "--pairs_path", paths["pairs"], "--eval_pairs_path",
+    # no --init_from: the default is the latest checkpoint of <out_dir>/sft_<model tag> (CPU: mateconv-tiny)
+    return ["--pairs_path", paths["pairs"], "--eval_pairs_path",
             paths["eval_pairs"], "--out_dir", str(out), "--run_name", run_name, "--batch_size", "8",
             "--learning_rate", "2e-3", "--beta", "0.2", "--kl_coef", "0.05", "--warmup_ratio", "0",
             "--accumulation_steps", "2", "--grad_clip", "1.0", "--probe_pretrain_path", paths["pretrain_val"],
@@ -102,11 +103,18 @@ def test_dpo_raises_heldout_reward_accuracy_and_reports_probe(setup):
     assert train[-1]["kl"] > 0
 
 
-def test_missing_sft_checkpoint_is_an_error(setup):
+def test_missing_sft_checkpoint_is_an_error(setup, monkeypatch):
     root, out, paths, common = setup
+    monkeypatch.chdir(root)  # the fallback root "out" is relative to the working directory
     with pytest.raises(FileNotFoundError, match="nowhere"):
         trainer.run(DPOTask(), _dpo_args(out, paths, common, "dpo_missing", "--max_steps", "1",
                                          "--init_from", str(root / "nowhere")))
+    with pytest.raises(FileNotFoundError, match="sft_mateconv-tiny"):  # default <out_dir>/sft_<tag> absent
+        trainer.run(DPOTask(), _dpo_args(out, paths, common, "dpo_missing", "--max_steps", "1",
+                                         "--out_dir", str(root / "elsewhere")))
+    with pytest.raises(ValueError, match="starting checkpoint"):  # random weights are never a DPO start
+        trainer.run(DPOTask(), _dpo_args(out, paths, common, "dpo_missing", "--max_steps", "1",
+                                         "--init_from", "none"))
 
 
 def test_resume_continues_from_the_sft_reference(setup):
@@ -114,6 +122,7 @@ def test_resume_continues_from_the_sft_reference(setup):
     args = ["--eval_interval", "0", "--eval_pairs_path", "", "--max_steps", "4"]
     assert trainer.run(DPOTask(), _dpo_args(out, paths, common, "full", "--save_interval", "2", *args)) == 0
     mid = out / "full" / "checkpoints" / "step_0000002"
+    assert json.loads((mid / "trainer_state.json").read_text())["init_from"].startswith(str(out / "sft_mateconv-tiny"))
     # a second run resumed from the step-2 checkpoint: the reference is still the SFT model, so steps 3-4 match
     assert trainer.run(DPOTask(), _dpo_args(out, paths, common, "resumed", "--resume", str(mid), *args)) == 0
     full = {r["step"]: r for r in _records(out / "full") if "rewards/margins" in r}

@@ -467,12 +467,13 @@ class DPOTask(Task):
     """DPO stage for the shared trainer (see the module docstring)."""
 
     name = "dpo"
-    #: ``--init_from`` defaults to the latest checkpoint of ``out/sft_<model tag>``; missing is an error
+    #: ``--init_from`` defaults to the latest checkpoint of ``<out_dir>/sft_<model tag>``, else of
+    #: ``out/sft_<model tag>`` (where 5.full_sft.py writes by default); none found is an error
     init_from_stage = "sft"
-    init_from_root = "out"  # where 5.full_sft.py writes by default (used when the trainer supports it)
+    init_from_root = "out"
     # the original 9.train_dpo.py defaults: batch 16, beta 0.2, kl 0.05, grad_clip 1.0
     defaults = {"batch_size": 16, "learning_rate": 1e-5, "accumulation_steps": 1, "epochs": 1,
-                "grad_clip": 1.0, "warmup_ratio": 0.06, "eval_interval": 100, "log_interval": 10}
+                "out_dir": "out_dpo", "grad_clip": 1.0, "warmup_ratio": 0.06, "eval_interval": 100, "log_interval": 10}
     cpu_defaults = {"batch_size": 8, "max_seq_len": 256, "learning_rate": 1e-4, "num_workers": 0,
                     "log_interval": 5, "save_interval": 100, "eval_interval": 20, "eval_batches": 0}
 
