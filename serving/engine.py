@@ -141,10 +141,12 @@ def sample_tokens(
     past = out.past_key_values
     logits = out.logits[:, -1, :]
     next_pos = position_ids[:, -1] + 1
+    active = list(range(b))  # batch position -> row; finished rows are dropped from the batch
+    can_compact = hasattr(past, "batch_select_indices")
     for _ in range(max(max_new)):
-        tok = _pick(logits, temperature, top_p, generator)
-        tok_list = tok.tolist()
-        for i, t in enumerate(tok_list):
+        tok_list = _pick(logits, temperature, top_p, generator).tolist()
+        for pos, t in enumerate(tok_list):
+            i = active[pos]
             if done[i]:
                 continue
             if t in eos:
@@ -157,8 +159,16 @@ def sample_tokens(
                 done[i], reasons[i] = True, "length"
         if all(done) or (cancel is not None and cancel.is_set()):
             break
-        tok = torch.tensor([pad_token_id if done[i] else t for i, t in enumerate(tok_list)], device=device)
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+        n_done = sum(done[i] for i in active)
+        if can_compact and n_done and n_done * 8 >= len(active):  # drop finished rows (copies the cache once)
+            keep = [pos for pos, i in enumerate(active) if not done[i]]
+            keep_t = torch.tensor(keep, device=device)
+            past.batch_select_indices(keep_t)
+            mask, next_pos = mask[keep_t], next_pos[keep_t]
+            tok_list = [tok_list[pos] for pos in keep]
+            active = [active[pos] for pos in keep]
+        tok = torch.tensor([pad_token_id if done[i] else t for i, t in zip(active, tok_list)], device=device)
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                     past_key_values=past, use_cache=True)
         past = out.past_key_values
@@ -309,10 +319,16 @@ class Engine:
         if temperature > 1e-5:
             gen = torch.Generator(device=next(self.model.parameters()).device)
             gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        incremental = on_delta is not None or any(stop)
         with self._lock:
             ids, reasons = sample_tokens(
                 self.model, rows, row_max, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
-                temperature=temperature, top_p=top_p, generator=gen, on_token=on_token, cancel=cancel)
+                temperature=temperature, top_p=top_p, generator=gen, on_token=on_token if incremental else None,
+                cancel=cancel)
+        if not incremental:  # decode once at the end
+            for r, row_ids in enumerate(ids):
+                texts[r].ids = list(row_ids)
+                texts[r].text = texts[r]._decode()
         result: list[list[Completion]] = []
         for r, (row_ids, reason) in enumerate(zip(ids, reasons)):
             delta = texts[r].finish()
