@@ -98,17 +98,21 @@ class MateConvAttention(nn.Module):
     def forward(self, x, cos, sin, attn_mask=None, cache=None):
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
-        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos.to(qkv.dtype), sin.to(qkv.dtype))
-        q = qk[:, :, : self.n_heads].transpose(1, 2)
-        k = qk[:, :, self.n_heads :].transpose(1, 2)
-        v = qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)
+        qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=2)  # split (not slicing): cheap backward
+        q, k = apply_rope(qk, cos.to(qk.dtype), sin.to(qk.dtype)).transpose(1, 2).split([self.n_heads, self.n_kv], 1)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if self.n_kv != self.n_heads:  # GQA: expand KV heads (a view + copy; fast path for every SDPA backend)
-            rep = self.n_heads // self.n_kv
-            k = k[:, :, None].expand(B, self.n_kv, rep, k.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
-            v = v[:, :, None].expand(B, self.n_kv, rep, v.shape[2], self.head_dim).reshape(B, self.n_heads, -1, self.head_dim)
-        if attn_mask is None:  # no padding, no cache offset: plain causal attention
+        rep = self.n_heads // self.n_kv
+        if T == 1 and rep > 1:
+            # decoding one token: fold the query heads of a group into the "length" dim -> no KV copy
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, rep, self.head_dim), k, v, attn_mask=attn_mask)
+            return self.o_proj(y.reshape(B, 1, -1))
+        if rep > 1:  # GQA: expand KV heads (one copy; fast path for every SDPA backend, incl. backward)
+            S = k.shape[2]
+            k = k[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+        if attn_mask is None:  # no padding and no cache offset: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -403,9 +407,9 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            # shift the labels, not the logits (no copy of the [B, T, V] tensor)
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
         return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_loss, cache=cache)
 
     # ---- MoE helpers used by the trainer / evaluation ----
