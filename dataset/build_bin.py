@@ -24,7 +24,7 @@ from .errors import DataError, Report, check_on_error
 from .jsonl import Progress, atomic_open, check_file, iter_raw_lines, ordered_map, parse_json_line
 
 _TOK = None
-_FAST = None  # the Rust tokenizer (truncation/padding off) when the tokenizer is a fast one
+_ENCODE = None
 _SPECIAL: tuple = (None, None)
 
 
@@ -32,31 +32,34 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def batch_encoder(tokenizer):
+    """``list[str] -> list[list[int]]`` without special tokens, same ids as ``tokenizer.encode`` per text.
+
+    For a fast tokenizer: the Rust ``encode_batch_fast`` (no offsets) on a private copy of the
+    backend with truncation and padding off (2-3x faster than ``tokenizer(list_of_texts)``, which
+    builds offsets and Python-side extras); otherwise ``tokenizer(list_of_texts)``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_str(backend.to_str())
+        fast.no_truncation()
+        fast.no_padding()
+        return lambda texts: [e.ids for e in fast.encode_batch_fast(texts, add_special_tokens=False)]
+    return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def _init_worker(tokenizer_or_path, bos, eos):
-    global _TOK, _FAST, _SPECIAL
+    global _TOK, _ENCODE, _SPECIAL
     if isinstance(tokenizer_or_path, (str, Path)):
         from tokenizer import load_tokenizer
 
         _TOK = load_tokenizer(tokenizer_or_path)
     else:
         _TOK = tokenizer_or_path
-    _FAST = None
-    backend = getattr(_TOK, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        from tokenizers import Tokenizer
-
-        _FAST = Tokenizer.from_str(backend.to_str())  # a private copy: never truncate or pad
-        _FAST.no_truncation()
-        _FAST.no_padding()
+    _ENCODE = batch_encoder(_TOK)
     _SPECIAL = (bos, eos)
-
-
-def encode_texts(texts: list[str]) -> list[list[int]]:
-    """Batch-encode without special tokens: the Rust batch call (no offsets) for fast tokenizers,
-    ``tokenizer(list_of_texts)`` otherwise. Gives the same ids as ``tokenizer.encode`` per text."""
-    if _FAST is not None:
-        return [e.ids for e in _FAST.encode_batch_fast(texts, add_special_tokens=False)]
-    return _TOK(texts, add_special_tokens=False)["input_ids"]
 
 
 def encode_batch(task) -> tuple:
@@ -80,7 +83,7 @@ def encode_batch(task) -> tuple:
     if not texts:
         return b"", 0, -1, errors
     bos, eos = _SPECIAL
-    enc = encode_texts(texts)
+    enc = _ENCODE(texts)
     head = [bos] if bos is not None else []
     flat = []
     for ids in enc:

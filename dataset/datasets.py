@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .build_bin import batch_encoder
 from .errors import DataError, Report, check_on_error, missing_file
 from .jsonl import iter_jsonl
 from .prepare import check_conversations, to_canonical_pair
@@ -181,6 +182,17 @@ class ChatEncoder:
         self.use_template = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
         specials = [t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t]
         self.end_tokens = sorted({self.eos, *specials}, key=len, reverse=True)
+        self._encode_texts = batch_encoder(tokenizer)
+        # Rendering a Jinja template per turn is slow: when the tokenizer's template gives exactly the
+        # original MateConv pieces on probe conversations, use the (fast) built-in rendering.
+        self._same_as_builtin = {False: False, True: False}
+        if self.use_template:
+            for has_system in (False, True):
+                probe = ([{"role": "system", "content": "S1"}] if has_system else []) + [
+                    {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                    {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+                self._same_as_builtin[has_system] = self._merge(self._templated(probe) or []) == \
+                    self._merge(self._builtin(probe))
 
     # pieces: list of (text, is_target)
     def _builtin(self, msgs: list[dict]) -> list[tuple[str, bool]]:
@@ -227,12 +239,18 @@ class ChatEncoder:
 
     def pieces(self, msgs: list[dict], last_only: bool = False) -> list[tuple[str, bool]]:
         """Text pieces with their target flag; ``last_only``: only the last answer is a target."""
-        pieces = self._templated(msgs) if self.use_template else None
+        pieces = None
+        if self.use_template and not self._same_as_builtin[bool(msgs) and msgs[0]["role"] == "system"]:
+            pieces = self._templated(msgs)
         if pieces is None:
             pieces = self._builtin(msgs)
         if last_only:
             last = max((k for k, (_, t) in enumerate(pieces) if t), default=-1)
             pieces = [(text, tgt and k == last) for k, (text, tgt) in enumerate(pieces)]
+        return self._merge(pieces)
+
+    @staticmethod
+    def _merge(pieces):
         merged: list[tuple[str, bool]] = []
         for text, tgt in pieces:  # join neighbouring prompt pieces so they tokenize like the whole prompt
             if not text:
@@ -248,7 +266,7 @@ class ChatEncoder:
         """Batch-encode conversations -> list of (ids int64, mask bool)."""
         all_pieces = [self.pieces(c, last_only) for c in conversations]
         flat = [t for p in all_pieces for t, _ in p]
-        enc = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+        enc = self._encode_texts(flat) if flat else []
         out, j = [], 0
         for p in all_pieces:
             ids, mask = [], []

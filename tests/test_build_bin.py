@@ -78,21 +78,24 @@ def test_cli_with_input(tmp_path, tok):
 
 
 def test_defaults_build_the_embedded_corpus(tmp_path):
+    """``3.pretrain.py`` defaults (embedded train + validation, default tokenizer; the fixture tokenizer
+    while the default one is not built), limited to a few documents to stay fast."""
     pytest.importorskip("dataset.embedded")
-    if not DEFAULT_TOKENIZER_DIR.is_dir():
-        pytest.skip("default tokenizer not built yet")
-    r = subprocess.run([sys.executable, "3.pretrain.py", "--out_dir", str(tmp_path / "pre"), "--embedded_dir",
-                        str(tmp_path / "emb"), "--workers", "1"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    tok_args = [] if DEFAULT_TOKENIZER_DIR.is_dir() else ["--tokenizer", str(FIXTURE)]
+    r = subprocess.run([sys.executable, "3.pretrain.py", "--out_dir", str(tmp_path / "pre"), "--workers", "1",
+                        "--limit", "300", *tok_args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    tok = load_tokenizer(None)
+    tok = load_tokenizer(tok_args[1] if tok_args else None)
     for split in ("train", "validation"):
         bin_path = tmp_path / "pre" / f"pretrain_{split}.bin"
         side = json.loads(bin_path.with_suffix(".json").read_text())
-        src = [json.loads(x)["text"] for x in (tmp_path / "emb" / f"pretrain_{split}.jsonl").read_text(
-            encoding="utf-8").splitlines() if x.strip()]
+        src_path = ROOT / "data" / "embedded" / f"pretrain_{split}.jsonl"
+        with open(src_path, encoding="utf-8") as f:
+            src = [json.loads(next(f))["text"] for _ in range(300)]
         data = np.fromfile(bin_path, dtype=side["dtype"])
-        assert side["num_documents"] == len(src) and side["num_tokens"] == data.size
+        assert side["num_documents"] == 300 and side["num_tokens"] == data.size
         assert side["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
-        first = data[: int(np.argmax(data == tok.eos_token_id)) + 1]
-        assert tok.decode(first.tolist()) == f"{tok.bos_token}{src[0]}{tok.eos_token}"
+        assert int((data == tok.eos_token_id).sum()) == 300
+        assert tok.decode(data.tolist()) == "".join(f"{tok.bos_token}{t}{tok.eos_token}" for t in src)
+        ds = PretrainDataset(bin_path, 128, tokenizer=tok)
+        assert tok.decode(ds[0]["input_ids"].tolist()).startswith(f"{tok.bos_token}{src[0][:20]}")
