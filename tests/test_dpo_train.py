@@ -105,7 +105,8 @@ def test_dpo_raises_heldout_reward_accuracy_and_reports_probe(setup):
 
 def test_missing_sft_checkpoint_is_an_error(setup, monkeypatch):
     root, out, paths, common = setup
-    monkeypatch.chdir(root)  # the fallback root "out" is relative to the working directory
+    (root / "cwd").mkdir(exist_ok=True)
+    monkeypatch.chdir(root / "cwd")  # the fallback root "out" is relative to the working directory
     with pytest.raises(FileNotFoundError, match="nowhere"):
         trainer.run(DPOTask(), _dpo_args(out, paths, common, "dpo_missing", "--max_steps", "1",
                                          "--init_from", str(root / "nowhere")))
