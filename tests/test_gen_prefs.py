@@ -242,7 +242,7 @@ class FaultServer:
         if body.get("model") == "no-n" and (body.get("n") or 1) > 1:
             return self.send(h, 400, {"error": {"message": "'n' is not supported", "type": "invalid_request_error"}})
         if is_judge:
-            shown = re.split(r"### Candidate \d+\n", text)[1:]
+            shown = re.split(r"### Candidate \d+\n", text.split("\n\nRank all")[0])[1:]
             k = len(shown)
             if "ALWAYS_BAD_JUDGE" in text or (self.faults and first_try and jc % 2 == 0):
                 content = "I cannot decide, they are all lovely."
