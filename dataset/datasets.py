@@ -291,27 +291,44 @@ def shift_and_truncate(ids: np.ndarray, mask: np.ndarray, max_seq_len: int) -> t
 
 
 class _Packed:
-    """Many variable-length int arrays stored flat (ids int32, targets int32) + offsets."""
+    """Variable-length samples stored flat: the truncated token sequence (``uint16``, or ``int32``
+    for vocabularies over 65536) and a bool target mask (~3 bytes per token), plus offsets.
+    ``get`` shifts on the fly: ``input_ids = seq[:-1]``, ``targets = seq[1:]`` where masked, else -100."""
 
-    def __init__(self):
-        self.parts_i, self.parts_t, self.lengths = [], [], []
+    def __init__(self, vocab_size: int):
+        self.dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+        self.parts_s, self.parts_m, self.lengths = [], [], []
 
-    def add(self, inp, tgt):
-        self.parts_i.append(inp.astype(np.int32))
-        self.parts_t.append(tgt.astype(np.int32))
-        self.lengths.append(len(inp))
+    def add(self, seq: np.ndarray, mask: np.ndarray):
+        self.parts_s.append(seq.astype(self.dtype))
+        self.parts_m.append(mask)
+        self.lengths.append(len(seq))
 
     def finish(self):
         self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=self.offsets[1:])
-        self.ids = np.concatenate(self.parts_i) if self.parts_i else np.zeros(0, np.int32)
-        self.tgt = np.concatenate(self.parts_t) if self.parts_t else np.zeros(0, np.int32)
-        del self.parts_i, self.parts_t, self.lengths
+        self.seq = np.concatenate(self.parts_s) if self.parts_s else np.zeros(0, self.dtype)
+        self.mask = np.concatenate(self.parts_m) if self.parts_m else np.zeros(0, bool)
+        del self.parts_s, self.parts_m, self.lengths
         return self
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.seq.size)
 
     def get(self, i):
         a, b = self.offsets[i], self.offsets[i + 1]
-        return (torch.from_numpy(self.ids[a:b].astype(np.int64)), torch.from_numpy(self.tgt[a:b].astype(np.int64)))
+        seq = self.seq[a:b].astype(np.int64)
+        tgt = np.where(self.mask[a + 1:b], seq[1:], IGNORE_INDEX)
+        return torch.from_numpy(seq[:-1].copy()), torch.from_numpy(tgt)
+
+
+def _truncate(ids: np.ndarray, mask: np.ndarray, max_seq_len: int):
+    """Keep the start: at most ``max_seq_len + 1`` tokens (inputs and shifted targets both ``max_seq_len``)."""
+    ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
+    mask = mask.copy()
+    mask[0] = False  # the first token is never predicted
+    return ids, mask, bool(mask.any())
 
 
 def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -379,16 +396,16 @@ class SFTDataset(_ChatDataset):
     def _encode(self, batch):
         encoded = self.encoder.encode_many([m for _, m in batch])
         for (line, _), (ids, mask) in zip(batch, encoded):
-            inp, tgt = shift_and_truncate(ids, mask, self.max_seq_len)
-            if not (tgt != IGNORE_INDEX).any():
+            seq, m, ok = _truncate(ids, mask, self.max_seq_len)
+            if not ok:
                 self.report.error(self._too_long(line))
                 continue
             self.report.keep()
-            self._store.add(inp, tgt)
+            self._store.add(seq, m)
             self.ids.append(line)
 
     def _load(self):
-        self._store = _Packed()
+        self._store = _Packed(len(self.encoder.tok))
         super()._load()
         self._store.finish()
 
@@ -418,19 +435,19 @@ class PreferenceDataset(_ChatDataset):
             convs.append(p["prompt"] + [{"role": "assistant", "content": p["rejected"]}])
         encoded = self.encoder.encode_many(convs, last_only=True)
         for k, (line, _) in enumerate(batch):
-            c = shift_and_truncate(*encoded[2 * k], self.max_seq_len)
-            r = shift_and_truncate(*encoded[2 * k + 1], self.max_seq_len)
-            bad = [n for n, (_, t) in (("chosen ", c), ("rejected ", r)) if not (t != IGNORE_INDEX).any()]
+            c = _truncate(*encoded[2 * k], self.max_seq_len)
+            r = _truncate(*encoded[2 * k + 1], self.max_seq_len)
+            bad = [n for n, x in (("chosen ", c), ("rejected ", r)) if not x[2]]
             if bad:
                 self.report.error(self._too_long(line, bad[0]))
                 continue
             self.report.keep()
-            self._chosen.add(*c)
-            self._rejected.add(*r)
+            self._chosen.add(c[0], c[1])
+            self._rejected.add(r[0], r[1])
             self.ids.append(line)
 
     def _load(self):
-        self._chosen, self._rejected = _Packed(), _Packed()
+        self._chosen, self._rejected = _Packed(len(self.encoder.tok)), _Packed(len(self.encoder.tok))
         super()._load()
         self._chosen.finish()
         self._rejected.finish()

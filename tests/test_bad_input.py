@@ -100,6 +100,8 @@ def test_sft_field_errors_name_line_and_field(tmp_path, tok):
         '{"conversations": [{"role": "user", "content": 3}]}': "field 'conversations[0].content': expected a string",
         '{"conversations": [{"role": "bot", "content": "x"}]}': "field 'conversations[0].role': unknown role",
         '{"conversations": [{"role": "user", "content": "only a question"}]}': "no assistant message",
+        '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}':
+            "field 'conversations[1].content': empty message",
     }
     for bad, words in cases.items():
         src = lines_file(tmp_path / "sft.jsonl", good, "", bad)
