@@ -64,6 +64,27 @@ def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return loss, (targets != IGNORE_INDEX).sum()
 
 
+DEFAULT_PRETRAIN_BIN = "data/pretrain/pretrain_train.bin"
+
+
+def build_default_pretrain_bin(tokenizer_path=None) -> None:
+    """No ``--data_path`` and no default ``.bin`` yet: rank 0 runs ``python 3.pretrain.py`` (embedded corpus),
+    the other ranks wait."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    if dist_utils.rank() == 0:
+        cmd = [sys.executable, str(root / "3.pretrain.py")] + (["--tokenizer", str(tokenizer_path)]
+                                                               if tokenizer_path else [])
+        print(f"{DEFAULT_PRETRAIN_BIN} not found: building it from the embedded corpus: {' '.join(cmd)}",
+              flush=True)
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            print(f"`python 3.pretrain.py` failed ({rc}); build the pretraining data first", flush=True)
+    dist_utils.barrier()
+
+
 class Task:
     """Base class of a training stage (see the module docstring for the contract)."""
 
@@ -147,7 +168,9 @@ class PretrainTask(LMTask):
     def build_datasets(self, args, tokenizer):
         from dataset.datasets import PretrainDataset
 
-        path = Path(args.data_path or "data/pretrain/pretrain_train.bin")
+        path = Path(args.data_path or DEFAULT_PRETRAIN_BIN)
+        if not path.is_file() and not args.data_path:
+            build_default_pretrain_bin(args.tokenizer)
         if not path.is_file():
             raise FileNotFoundError(
                 f"pretraining data {path} not found: build it first with `python 3.pretrain.py` "

@@ -1,0 +1,288 @@
+"""The shared trainer, launched for real: one process, torchrun (2 processes), deepspeed (2 processes, ZeRO-2),
+SIGINT to the process group + resume, SIGKILL while saving, wandb offline with MoE metrics.
+
+Tiny model (2 layers, width 64) and a few hundred tokens of synthetic text tokenized with the original
+tokenizer fixture, float32 on CPU, gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mateconv-torch-extensions"))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["WANDB_MODE"] = env.get("WANDB_MODE", "offline")
+    env.pop("WANDB_API_KEY", None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    if not TOKENIZER.is_dir():
+        pytest.skip("tokenizer fixture missing")
+    from dataset.build_bin import build_bin
+    from model import get_config
+
+    d = tmp_path_factory.mktemp("trainer_data")
+    chars = "春眠不觉晓处处闻啼鸟夜来风雨声花落知多少床前明月光疑是地上霜举头望明月低头思故乡白日依山尽黄河入海流"
+    rng = random.Random(0)
+    for split, n in (("train", 240), ("validation", 30)):
+        src = d / f"pretrain_{split}.jsonl"
+        with open(src, "w", encoding="utf-8") as f:
+            for _ in range(n):
+                text = "".join(rng.choice(chars) for _ in range(rng.randint(20, 80)))
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        build_bin([src], d / f"pretrain_{split}.bin", str(TOKENIZER), progress=False, log=lambda *a, **k: None)
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128)
+    get_config("mateconv-tiny", **small).to_json_file(str(d / "micro.json"))
+    get_config("mateconv-moe-tiny", **small, moe_intermediate_size=32, n_routed_experts=4,
+               num_experts_per_tok=2).to_json_file(str(d / "micro-moe.json"))
+    return d
+
+
+def _args(data: Path, out: Path, batch_size: int, *extra) -> list[str]:
+    return ["--model", str(data / "micro.json"), "--tokenizer", str(TOKENIZER),
+            "--data_path", str(data / "pretrain_train.bin"), "--out_dir", str(out),
+            "--max_steps", str(STEPS), "--max_seq_len", "32", "--batch_size", str(batch_size),
+            "--accumulation_steps", "2", "--warmup_iters", "3", "--learning_rate", "2e-3",
+            "--log_interval", "1", "--save_interval", "1000", "--eval_interval", "0", "--eval_batches", "2",
+            "--dtype", "float32", "--num_workers", "0", *extra]
+
+
+def _port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _cmd(mode: str, script: str = "4.pretrain.py") -> list[str]:
+    if mode == "plain":
+        return [sys.executable, script]
+    if mode == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(), script]
+    if mode == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", _port(), script]
+    raise ValueError(mode)
+
+
+def _run(cmd: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(**kw.pop("env", {})), capture_output=True, text=True,
+                       timeout=timeout, **kw)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    return [r for r in _metrics(run_dir) if "loss" in r]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in _train_records(run_dir)]
+
+
+RUN = "pretrain_micro"
+
+
+@pytest.fixture(scope="module")
+def ref_plain(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain")
+    _run(_cmd("plain") + _args(data, out, 4))
+    return out / RUN
+
+
+@pytest.fixture(scope="module")
+def ref_torchrun(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torchrun")
+    _run(_cmd("torchrun") + _args(data, out, 2))
+    return out / RUN
+
+
+def test_torchrun_matches_one_process(ref_plain, ref_torchrun):
+    a, b = _losses(ref_plain), _losses(ref_torchrun)
+    assert len(a) == len(b) == STEPS
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    assert a[-1] < a[0]  # it trains
+    lr_a = [r["lr"] for r in _train_records(ref_plain)]
+    assert lr_a == [r["lr"] for r in _train_records(ref_torchrun)]
+    st = json.loads((ref_torchrun / "checkpoints" / "step_0000016" / "trainer_state.json").read_text())
+    assert st["world_size"] == 2 and st["step"] == STEPS and not st["deepspeed"]
+
+
+def test_deepspeed_zero2_matches_one_process(data, ref_plain, tmp_path):
+    p = _run(_cmd("deepspeed") + _args(data, tmp_path, 2, "--deepspeed", "ds_config.json"))
+    assert "DeepSpeed ZeRO-2" in p.stdout
+    a, b = _losses(ref_plain), _losses(tmp_path / RUN)
+    assert len(b) == STEPS
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    ck = tmp_path / RUN / "checkpoints" / "step_0000016"
+    assert (ck / "deepspeed" / "state").is_dir() and (ck / "model.safetensors").is_file()
+    # the HF directory loads with model/ and with transformers
+    from model import MateConvForCausalLM
+
+    MateConvForCausalLM.from_pretrained(str(ck))
+
+
+def _start(cmd: list[str], log: Path, **env) -> subprocess.Popen:
+    f = open(log, "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=f, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_for(pred, proc, timeout=300, what=""):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timeout waiting for {what}")
+
+
+def _interrupt_and_resume(mode: str, data: Path, out: Path, batch_size: int) -> tuple[int, int]:
+    """Start, SIGINT the process group after step 2, check the stop, resume; -> (stop step, exit status)."""
+    log = out / "first.log"
+    out.mkdir(parents=True, exist_ok=True)
+    proc = _start(_cmd(mode) + _args(data, out, batch_size), log)
+    run_dir = out / RUN
+    _wait_for(lambda: len(_train_records(run_dir)) >= 2, proc, what="step 2")
+    os.killpg(os.getpgid(proc.pid), signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        raise
+    text = log.read_text()
+    stop = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= stop < STEPS, text[-3000:]
+    assert "stopped by signal at step" in text, text[-3000:]
+    _run(_cmd(mode) + _args(data, out, batch_size, "--resume"))
+    return stop, rc
+
+
+def test_sigint_stop_and_resume_is_exact(data, ref_plain, tmp_path):
+    stop, rc = _interrupt_and_resume("plain", data, tmp_path, 4)
+    assert rc == 0
+    got = _train_records(tmp_path / RUN)
+    ref = _train_records(ref_plain)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, ref)) <= 1e-6
+    assert [r["lr"] for r in got] == [r["lr"] for r in ref]
+
+
+def test_sigint_torchrun_all_ranks_stop_and_resume(data, ref_torchrun, tmp_path):
+    stop, rc = _interrupt_and_resume("torchrun", data, tmp_path, 2)
+    text = (tmp_path / "first.log").read_text()
+    # torchrun itself reports the signal (SignalException); no worker may have failed
+    assert "ChildFailedError" not in text and "stopped by signal at step" in text, text[-3000:]
+    st = json.loads((tmp_path / RUN / "checkpoints" / f"step_{stop:07d}" / "trainer_state.json").read_text())
+    assert st["world_size"] == 2 and st["complete"]
+    assert (tmp_path / RUN / "checkpoints" / f"step_{stop:07d}" / "rng_rank1.pt").is_file()
+    got, ref = _train_records(tmp_path / RUN), _train_records(ref_torchrun)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, ref)) <= 1e-6
+    assert [r["lr"] for r in got] == [r["lr"] for r in ref]
+
+
+def test_sigkill_while_saving_keeps_previous_checkpoint(data, tmp_path):
+    first = _args(data, tmp_path, 4, "--save_interval", "2")
+    first[first.index("--max_steps") + 1] = "2"
+    _run(_cmd("plain") + first)
+    ck_root = tmp_path / RUN / "checkpoints"
+    assert (ck_root / "latest").read_text().strip() == "step_0000002"
+    proc = _start(_cmd("plain") + _args(data, tmp_path, 4, "--save_interval", "2", "--resume"),
+                  tmp_path / "second.log", MATECONV_DEBUG_SAVE_PAUSE="60")
+    tmp = ck_root / ".tmp-step_0000004"
+    _wait_for(lambda: (tmp / "trainer_state.json").is_file(), proc, what="the save of step 4")
+    assert (tmp / "model.safetensors").is_file()
+    os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+    proc.wait(timeout=60)
+    from trainer.checkpoint import latest_checkpoint, resolve_checkpoint
+
+    latest = latest_checkpoint(ck_root)
+    assert latest is not None and latest.name == "step_0000002"
+    assert resolve_checkpoint(tmp_path / RUN) == latest
+    from transformers import AutoModelForCausalLM
+
+    import model  # noqa: F401  (registers the architecture)
+
+    m = AutoModelForCausalLM.from_pretrained(str(latest))
+    assert sum(p.numel() for p in m.parameters()) > 0
+    # and training resumes from it (the stale temporary directory is cleaned up)
+    _run(_cmd("plain") + _args(data, tmp_path, 4, "--save_interval", "2", "--resume", "--max_steps", "4"))
+    assert not tmp.exists()
+    assert (ck_root / "latest").read_text().strip() == "step_0000004"
+
+
+def test_wandb_offline_moe_expert_load(data, tmp_path):
+    args = _args(data, tmp_path, 4, "--use_wandb", "--wandb_project", "mateconv-test", "--log_interval", "2")
+    args[args.index("--model") + 1] = str(data / "micro-moe.json")
+    args[args.index("--max_steps") + 1] = "4"
+    _run(_cmd("plain") + args, env={"WANDB_MODE": "offline", "WANDB_API_KEY": "secret-should-not-leak-0123"})
+    run_dir = tmp_path / "pretrain_micro-moe"
+    recs = _train_records(run_dir)
+    assert recs and "moe/layer0/expert0_load" in recs[-1] and "moe/layer1/max_violation" in recs[-1]
+    loads = [recs[-1][f"moe/layer0/expert{e}_load"] for e in range(4)]
+    assert abs(sum(loads) - 1) < 1e-6
+    assert recs[-1]["moe/balance_loss"] > 0
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    keys = _wandb_history_keys(runs[0])
+    assert {"moe/layer0/expert0_load", "moe/layer1/expert3_load", "moe/layer0/routing_entropy",
+            "moe/max_violation", "moe/balance_loss", "loss"} <= keys
+    for f in run_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size < 5_000_000:
+            assert b"secret-should-not-leak" not in f.read_bytes(), f
+
+
+def _wandb_history_keys(run_path: Path) -> set[str]:
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    files = list(run_path.glob("*.wandb"))
+    assert files
+    ds = datastore.DataStore()
+    ds.open_for_scan(str(files[0]))
+    keys = set()
+    while True:
+        data = ds.scan_data()
+        if data is None:
+            break
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+    return keys

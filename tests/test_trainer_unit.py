@@ -1,0 +1,257 @@
+"""Fast in-process checks of the trainer's parts: schedule, data stream, flags, checkpoint files, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from trainer.args import COMMON_DEFAULTS, fill_defaults, parse_args, public_args
+from trainer.checkpoint import finalize, latest_checkpoint, list_checkpoints, resolve_checkpoint, tmp_dir
+from trainer.schedule import lr_at, warmup_steps
+from trainer.signals import StopSignal
+from trainer.tasks import PretrainTask, SFTTask, Task
+from trainer.trainer import StreamSampler, resolve_dtype, resolve_model_spec
+
+
+def test_schedule_warmup_then_cosine_to_ten_percent():
+    total, peak, w = 100, 1e-3, 10
+    lrs = [lr_at(s, total, peak, w) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / w)
+    assert lrs[w - 1] == pytest.approx(peak)
+    assert lrs[w] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(0.1 * peak)
+    assert all(a >= b for a, b in zip(lrs[w:], lrs[w + 1:]))  # monotone decay
+    mid = w + (total - 1 - w) / 2
+    assert lr_at(int(mid), total, peak, w) == pytest.approx(0.55 * peak, rel=0.02)
+    assert warmup_steps(100, 0, 0.06) == 6 and warmup_steps(100, 7, 0.5) == 7
+    assert lr_at(0, 1, peak, 0) == pytest.approx(peak)
+
+
+def test_stream_sampler_is_resumable_and_shards_global_batches():
+    n, bs, world, seed = 50, 3, 2, 7
+    full = [list(StreamSampler(n, bs, world, r, seed, 0, 40)) for r in range(world)]
+    # resuming at micro-batch 13 replays the tail exactly
+    for r in range(world):
+        assert list(StreamSampler(n, bs, world, r, seed, 13, 40)) == full[r][13:]
+    # one process with the global batch sees the union, in rank order
+    single = list(StreamSampler(n, bs * world, 1, 0, seed, 0, 40))
+    for k in range(40):
+        assert single[k] == full[0][k] + full[1][k]
+    per_epoch = n // (bs * world)
+    epoch0 = [i for k in range(per_epoch) for i in single[k]]
+    assert len(set(epoch0)) == len(epoch0)  # no repeats within an epoch
+    assert single[:per_epoch] != single[per_epoch:2 * per_epoch]  # reshuffled per epoch
+    with pytest.raises(ValueError, match="fewer than one global micro-batch"):
+        StreamSampler(5, 4, 2, 0, 0, 0, 1)
+
+
+def test_flags_original_names_and_stage_defaults():
+    args = parse_args(PretrainTask(), ["--epochs", "15", "--local_rank=1", "--deepspeed", "--use_wandb",
+                                       "--wandb_project", "p", "--ddp"])
+    assert args.deepspeed == "ds_config.json" and args.local_rank == 1 and args.epochs == 15
+    fill_defaults(args, PretrainTask(), on_cpu=False)
+    assert (args.learning_rate, args.accumulation_steps, args.batch_size) == (2e-4, 8, 32)
+    assert (args.grad_clip, args.dtype, args.log_interval, args.save_interval, args.out_dir) == \
+        (1.0, "bfloat16", 100, 1000, "out")
+    sft = fill_defaults(parse_args(SFTTask(), []), SFTTask(), on_cpu=False)
+    assert (sft.learning_rate, sft.accumulation_steps, sft.batch_size) == (2e-5, 1, 32)
+    cpu = fill_defaults(parse_args(PretrainTask(), ["--batch_size", "7"]), PretrainTask(), on_cpu=True)
+    assert cpu.batch_size == 7 and cpu.max_steps == PretrainTask.cpu_defaults["max_steps"]
+    assert set(COMMON_DEFAULTS) >= {"epochs", "batch_size", "learning_rate", "max_steps", "seed"}
+    assert SFTTask.init_from_stage == "pretrain" and PretrainTask.init_from_stage is None
+
+
+def test_public_args_drop_secrets():
+    args = parse_args(PretrainTask(), [])
+    args.wandb_api_key = "k"
+    args.hub_token = "t"
+    out = public_args(args)
+    assert "wandb_api_key" not in out and "hub_token" not in out and "learning_rate" in out
+    json.dumps(out)
+
+
+def test_model_auto_and_moe_twins():
+    class A:
+        model, use_moe = "auto", False
+
+    a = A()
+    assert resolve_model_spec(a, on_gpu=True)[0] == "mateconv-0.02b"
+    assert resolve_model_spec(a, on_gpu=False)[0] == "mateconv-tiny"
+    a.use_moe = True
+    assert resolve_model_spec(a, on_gpu=True) == ("mateconv-moe-0.1b", "mateconv-moe-0.1b")
+    assert resolve_model_spec(a, on_gpu=False)[0] == "mateconv-moe-tiny"
+
+
+def test_dtype_resolution_on_cpu():
+    dt, note = resolve_dtype("float32", torch.device("cpu"))
+    assert dt is None
+    dt, note = resolve_dtype("bfloat16", torch.device("cpu"))
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert (dt == torch.bfloat16) == bool(amx), note
+
+
+def test_default_count_units_and_loss():
+    t = Task()
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+             "targets": torch.tensor([[1, 2, -100, -100], [3, -100, -100, -100]])}
+    assert t.count_units(batch) == 3
+    assert Task().count_units({"chosen_input_ids": torch.zeros(5, 3)}) == 5
+
+
+def _fake_ckpt(root, step, keep=2):
+    tmp = tmp_dir(root, step)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text("{}")
+    return finalize(root, step, {"step": step}, keep)
+
+
+def test_checkpoint_rename_latest_and_retention(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for s in (1, 2, 3):
+        _fake_ckpt(root, s)
+    assert [p.name for p in list_checkpoints(root)] == ["step_0000002", "step_0000003"]
+    assert latest_checkpoint(root).name == "step_0000003"
+    assert resolve_checkpoint(tmp_path / "run").name == "step_0000003"
+    # an interrupted save (temporary dir without rename) is invisible
+    t = tmp_dir(root, 4)
+    t.mkdir()
+    (t / "trainer_state.json").write_text(json.dumps({"step": 4, "complete": True}))
+    assert latest_checkpoint(root).name == "step_0000003"
+    # a dangling pointer falls back to the newest complete checkpoint
+    (root / "latest").write_text("step_0000009\n")
+    assert latest_checkpoint(root).name == "step_0000003"
+    # saving the same step again replaces it
+    _fake_ckpt(root, 3)
+    assert latest_checkpoint(root).name == "step_0000003"
+
+
+def test_stop_signal_first_sets_flag_second_aborts():
+    code = (
+        "import importlib.util, os, signal, time, sys\n"
+        "spec = importlib.util.spec_from_file_location('sig', os.path.join('trainer', 'signals.py'))\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "StopSignal = mod.StopSignal\n"
+        "s = StopSignal(forward_window=float(sys.argv[1])).install()\n"
+        "print('ready', flush=True)\n"
+        "while not s.requested: time.sleep(0.01)\n"
+        "print('requested', flush=True)\n"
+        "time.sleep(float(sys.argv[2]))\n"
+        "print('still alive', flush=True)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(window, sleep, gap):
+        p = subprocess.Popen([sys.executable, "-c", code, str(window), str(sleep)], cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGINT)
+        assert p.stdout.readline().strip() == "requested"
+        time.sleep(gap)
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+        return p.returncode, out
+
+    rc, out = run(0.0, 30, 0.0)  # plain process: the second signal aborts at once
+    assert rc == 128 + signal.SIGTERM and "still alive" not in out
+    rc, out = run(30.0, 0.5, 0.0)  # under a launcher: the forwarded copy is not a second signal
+    assert rc == 0 and "still alive" in out
+
+
+def test_stop_signal_in_process_flag():
+    s = StopSignal(log=lambda m: None).install()
+    try:
+        assert not s.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):
+            if s.requested:
+                break
+            time.sleep(0.01)
+        assert s.requested and s.signum == signal.SIGINT
+    finally:
+        s.uninstall()
+    assert math.isfinite(1.0)
+
+
+# ------------------------------------------------------------------ guards, in process (plain mode)
+
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures",
+                         "original_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def small_bin(tmp_path_factory):
+    if not os.path.isdir(TOKENIZER):
+        pytest.skip("tokenizer fixture missing")
+    from dataset.build_bin import build_bin
+
+    d = tmp_path_factory.mktemp("guard_data")
+    src = d / "pretrain_train.jsonl"
+    src.write_text("".join(json.dumps({"text": "床前明月光疑是地上霜举头望明月低头思故乡" * 3}, ensure_ascii=False) + "\n"
+                           for _ in range(40)), encoding="utf-8")
+    build_bin([src], d / "pretrain_train.bin", TOKENIZER, progress=False, log=lambda *a, **k: None)
+    return d
+
+
+def _guard_args(d, out, *extra):
+    return ["--model", "mateconv-tiny", "--tokenizer", TOKENIZER, "--data_path", str(d / "pretrain_train.bin"),
+            "--out_dir", str(out), "--max_steps", "6", "--max_seq_len", "16", "--batch_size", "2",
+            "--log_interval", "1", "--save_interval", "1", "--eval_interval", "0", "--dtype", "float32",
+            "--num_workers", "0", "--device", "cpu", *extra]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(small_bin, tmp_path):
+    from trainer import PretrainTask, run
+    from trainer.checkpoint import latest_checkpoint
+
+    rc = run(PretrainTask(), _guard_args(small_bin, tmp_path, "--learning_rate", "1e30", "--grad_clip", "0"))
+    assert rc == 1
+    run_dir = tmp_path / "pretrain_mateconv-tiny"
+    log = (run_dir / "train.log").read_text()
+    assert "non-finite loss" in log
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = latest_checkpoint(run_dir / "checkpoints")
+    assert last is not None and int(last.name.split("_")[1]) == recs[-1]["step"] < 6
+    assert all(math.isfinite(r["loss"]) for r in recs)
+
+
+def test_vocab_mismatch_caught_before_step_one(small_bin, tmp_path):
+    from model import get_config
+    from trainer import PretrainTask, run
+
+    cfg = tmp_path / "small_vocab.json"
+    get_config("mateconv-tiny", vocab_size=1000).to_json_file(str(cfg))
+    args = _guard_args(small_bin, tmp_path, "--model", str(cfg))
+    with pytest.raises(ValueError, match="vocab_size is 1000"):
+        run(PretrainTask(), args)
+    assert not (tmp_path / "small_vocab" / "metrics.jsonl").exists()
+
+
+def test_sft_requires_a_matching_pretraining_checkpoint(small_bin, tmp_path):
+    from trainer import PretrainTask, SFTTask, run
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"conversations": [{"role": "user", "content": "你好"},
+                                                 {"role": "assistant", "content": "你好呀"}]},
+                              ensure_ascii=False) + "\n", encoding="utf-8")
+    base = ["--tokenizer", TOKENIZER, "--data_path", str(sft), "--out_dir", str(tmp_path), "--max_steps", "1",
+            "--batch_size", "1", "--dtype", "float32", "--device", "cpu", "--num_workers", "0"]
+    with pytest.raises(FileNotFoundError, match="pretrain"):
+        run(SFTTask(), base + ["--model", "mateconv-tiny"])
+    # a pretraining checkpoint of another architecture is refused
+    assert run(PretrainTask(), _guard_args(small_bin, tmp_path, "--max_steps", "1")) == 0
+    with pytest.raises(ValueError, match="another architecture"):
+        run(SFTTask(), base + ["--model", "mateconv-moe-tiny",
+                               "--init_from", str(tmp_path / "pretrain_mateconv-tiny")])
+    # the matching one is found by default and training starts from it
+    assert run(SFTTask(), base + ["--model", "mateconv-tiny"]) == 0
+    state = json.loads((tmp_path / "sft_mateconv-tiny" / "checkpoints" / "step_0000001" /
+                        "trainer_state.json").read_text())
+    assert state["init_from"].endswith("pretrain_mateconv-tiny/checkpoints/step_0000001")
