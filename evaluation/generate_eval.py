@@ -72,8 +72,10 @@ def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, m
                     batch_size: int = 8) -> list[dict]:
     """Greedy decoding of token-id prompts -> ``[{"ids": new ids before eos, "stopped_on_eos": bool}]``.
 
-    Left padding + attention mask + KV cache; ``max_new_tokens`` counts generated tokens only; the end
-    token is not part of ``ids``."""
+    Left padding + attention mask, decoded by ``model.generation.stream_generate`` (preallocated KV cache);
+    ``max_new_tokens`` counts generated tokens only; the end token is not part of ``ids``."""
+    from model.generation import stream_generate
+
     model.eval()
     device = next(model.parameters()).device
     results: list[dict] = []
@@ -88,25 +90,15 @@ def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, m
         ids, mask = ids.to(device), mask.to(device)
         gen = [[] for _ in chunk]
         stopped = [False] * len(chunk)
-        if max_new_tokens > 0:
-            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-            cache = out.cache
-            nxt = out.logits[:, -1].argmax(-1)
-            for step in range(max_new_tokens):
-                for i, t in enumerate(nxt.tolist()):
-                    if stopped[i] or len(gen[i]) >= max_new_tokens:
-                        continue
-                    if t == eos_id:
-                        stopped[i] = True
-                    else:
-                        gen[i].append(t)
-                done = [stopped[i] or len(gen[i]) >= max_new_tokens for i in range(len(chunk))]
-                if all(done) or step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=mask.dtype, device=device)], dim=1)
-                out = model(input_ids=nxt[:, None], attention_mask=mask, cache=cache, use_cache=True)
-                cache = out.cache
-                nxt = out.logits[:, -1].argmax(-1)
+        for tok in stream_generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                   temperature=0.0, eos_token_id=eos_id, pad_token_id=pad_id):
+            for i, t in enumerate(tok.tolist()):
+                if stopped[i]:
+                    continue
+                if t == eos_id:
+                    stopped[i] = True
+                else:
+                    gen[i].append(t)
         results.extend({"ids": g, "stopped_on_eos": s} for g, s in zip(gen, stopped))
     return results
 

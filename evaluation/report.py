@@ -68,6 +68,10 @@ def _ci(d, value_key="mean", lo="ci_low", hi="ci_high"):
     return (float(d[value_key]), d.get(lo), d.get(hi))
 
 
+def _task_metric(e, task):
+    return _ci(_get(e, "generation", "summary", "task_accuracy", task, "answer_in_prediction"))
+
+
 def _gen_metric(e, name):
     return _ci(_get(e, "generation", "summary", "metrics", name))
 
@@ -84,10 +88,10 @@ METRICS = [
      lambda e: (_get(e, "sft", "perplexity"), _get(e, "sft", "perplexity_ci_low"), _get(e, "sft", "perplexity_ci_high"))),
     *[(m, f"{m} on held-out SFT prompts (higher is better)",
        functools.partial(_gen_metric, name=m)) for m in GEN_METRICS],
-    ("exact_accuracy", "exact-match accuracy on exact-answer tasks",
-     lambda e: _ci(_get(e, "generation", "summary", "task_accuracy", "all_exact_tasks", "exact_match"))),
-    ("answer_in_prediction", "exact answer contained in the prediction",
+    ("task_accuracy", "exact-answer tasks: the answer occurs in the output (normalised; the dataset's rule)",
      lambda e: _ci(_get(e, "generation", "summary", "task_accuracy", "all_exact_tasks", "answer_in_prediction"))),
+    ("exact_match", "exact-answer tasks: output equals the answer (normalised; strict)",
+     lambda e: _ci(_get(e, "generation", "summary", "task_accuracy", "all_exact_tasks", "exact_match"))),
     ("stop_rate", "share of generations that ended with the end token",
      lambda e: (_get(e, "generation", "summary", "stop_rate"), None, None)),
     ("router_max_violation", "MoE max-violation (max/mean load - 1), mean over layers",
@@ -252,7 +256,12 @@ class Report:
                 seeds = [s for s in self.found["seeds"][arm] if (arm, s, stage) in self.evals]
                 if not seeds:
                     continue
-                for key, label, getter in METRICS:
+                tasks = sorted({t for s in seeds for t in (_get(self.evals[(arm, s, stage)], "generation", "summary",
+                                                                          "task_accuracy") or {}) if t != "all_exact_tasks"})
+                metrics = list(METRICS) + [
+                    (f"task_accuracy/{t}", f"task {t}: answer occurs in the output",
+                     functools.partial(_task_metric, task=t)) for t in tasks]
+                for key, label, getter in metrics:
                     per_seed = {}
                     for s in seeds:
                         v = getter(self.evals[(arm, s, stage)])
@@ -300,7 +309,7 @@ class Report:
                          if (arm, s, stage) in self.evals and (baseline, s, stage) in self.evals]
                 if not seeds:
                     continue
-                for metric in ("pretrain_loss", "sft_loss", *GEN_METRICS, "exact_match"):
+                for metric in ("pretrain_loss", "sft_loss", *GEN_METRICS, "answer_in_prediction", "exact_match"):
                     per_seed = {}
                     for s in seeds:
                         ka, kb = (arm, s, stage), (baseline, s, stage)

@@ -229,8 +229,11 @@ def test_metric_table_matches_eval_files(tiny_run):
                 assert rows[(arm, stage, "token_f1_char")]["per_seed"][str(s)]["value"] == pytest.approx(f1)
                 em = [x["exact_match"] for x in g if "exact_match" in x]
                 if em:
-                    assert rows[(arm, stage, "exact_accuracy")]["per_seed"][str(s)]["value"] == pytest.approx(
+                    assert rows[(arm, stage, "exact_match")]["per_seed"][str(s)]["value"] == pytest.approx(
                         sum(em) / len(em))
+                    hits = [x["answer_in_prediction"] for x in g if x["task"] == "author"]
+                    assert hits and rows[(arm, stage, "task_accuracy/author")]["per_seed"][str(s)]["value"] == pytest.approx(
+                        sum(hits) / len(hits))
     assert (("moe", "sft", "router_max_violation") in rows) and (("dense", "sft", "router_max_violation") not in rows)
 
 
