@@ -13,8 +13,9 @@ Computed (each with data file, split, number of items/examples and bootstrap see
       output (``<out stem>_generations.jsonl``) for paired bootstraps between arms;
     * ``judge`` (optional, off by default): LLM-judge win rate against another arm's generations.
 
-A ``train`` split or a file named as one is refused; held-out records found in the sibling train file
-raise an error.
+A ``train`` split or a file named as one is refused; held-out records that also occur in the sibling
+train file (same id or identical text / conversation) are left out of every metric and counted under
+``train_overlap_check`` (``excluded``, ``overlap_ids``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .generate_eval import generate_answers, load_heldout_examples, read_jsonl, summarize, write_jsonl
-from .heldout import check_heldout_path, heldout_loss
+from .heldout import check_heldout_path, heldout_loss, overlap_summary, train_overlap
 
 SCHEMA_VERSION = 1
 
@@ -103,6 +104,7 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
                "decoding": "greedy", "subset_seed": seed, "summary": summarize(records, n_resamples, seed),
                "samples": records[:5]}
         gen["n_examples"] = gen["summary"]["n_examples"]
+        gen["train_overlap_check"] = overlap_summary(train_overlap(sft_file))
         if generations_out:
             gen["per_example_file"] = str(write_jsonl(records, generations_out))
         res["generation"] = gen

@@ -2,7 +2,7 @@
 
 * Data: a held-out SFT JSONL (``sft_validation.jsonl`` / ``sft_test.jsonl``); a ``train`` split or a
   file named as one is refused (:func:`evaluation.heldout.check_heldout_path`), and when the sibling
-  ``*_train.jsonl`` exists every held-out record is checked to be absent from it.
+  ``*_train.jsonl`` exists, held-out records that also occur in it are left out.
 * Prompt: the conversation without its last assistant message, rendered with the chat template and
   the generation prompt (``<s>user\\n{q}</s>\\n<s>assistant\\n``), exactly as ``SFTDataset`` renders the
   prompt side; reference = the last assistant message; ``answer`` (exact tasks) when present.
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .heldout import _jsonl, _special_ids, assert_disjoint_from_train, check_heldout_path
+from .heldout import _heldout_records, _jsonl, _special_ids, check_heldout_path, train_overlap
 from .metrics import (
     all_text_metrics,
     answer_in_prediction,
@@ -39,10 +39,11 @@ def load_heldout_examples(path, split: str | None = None, max_examples: int | No
                           seed: int = 0) -> list[dict]:
     """Held-out SFT records -> examples with ``messages`` (prompt), ``reference`` and ``answer``.
 
+    Records that also occur in the sibling train file (same id or identical conversation) are left out.
     ``max_examples`` keeps a seeded random subset in file order (the same subset for every arm)."""
     path = check_heldout_path(path, split)
-    assert_disjoint_from_train(path)
-    recs = _jsonl(path)
+    ov = train_overlap(path)  # records that also occur in the train file are left out
+    recs = _heldout_records(path, ov["overlap_keys"])
     examples = []
     for i, rec in enumerate(recs):
         conv = rec.get("conversations") or []

@@ -1,6 +1,7 @@
 """Held-out loss / perplexity of a checkpoint and MoE routing statistics collected in the same pass.
 
-Data (never a training split: :func:`check_heldout_path` refuses it):
+Data (never a training split: :func:`check_heldout_path` refuses it; records that also occur in the
+sibling ``*_train.jsonl`` are left out and counted, :func:`train_overlap`):
     * held-out pretraining text: a packed ``.bin`` (windows of ``max_seq_len + 1`` tokens, the
       ``PretrainDataset`` contract) or a ``{"text": ...}`` JSONL (one item per document, encoded
       ``bos text eos``, documents longer than ``max_seq_len + 1`` tokens split into chunks);
@@ -75,25 +76,58 @@ def _record_key(rec: dict) -> str:
     return "conv:" + json.dumps(rec.get("conversations", []), ensure_ascii=False, sort_keys=True)
 
 
-def assert_disjoint_from_train(heldout_path, train_path=None, max_train_bytes: int = 512 * 2**20) -> dict:
-    """Check that no held-out record (by id, or by identical text / conversation) is in the train file.
+_TRAIN_KEYS: dict[tuple, tuple[set, set]] = {}
 
-    ``train_path`` defaults to the sibling ``*_train.*`` file; returns what was checked."""
+
+def _train_keys(train_path: Path) -> tuple[set, set]:
+    st = train_path.stat()
+    key = (str(train_path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _TRAIN_KEYS:
+        train = _jsonl(train_path)
+        _TRAIN_KEYS.clear()
+        _TRAIN_KEYS[key] = ({r["id"] for r in train if "id" in r}, {_record_key(r) for r in train})
+    return _TRAIN_KEYS[key]
+
+
+def train_overlap(heldout_path, train_path=None, max_train_bytes: int = 512 * 2**20) -> dict:
+    """Held-out records that also occur in the train file (same ``id``, or identical text / conversation).
+
+    ``train_path`` defaults to the sibling ``*_train.jsonl``. Returns ``{"checked", "train_file",
+    "n_heldout", "n_overlap", "overlap_keys" (set), "overlap_ids"}``."""
     heldout_path = Path(heldout_path)
     train_path = Path(train_path) if train_path is not None else sibling_train_file(heldout_path)
     if train_path is None or heldout_path.suffix != ".jsonl":
-        return {"checked": False, "train_file": None, "reason": "no sibling *_train.jsonl"}
+        return {"checked": False, "train_file": None, "reason": "no sibling *_train.jsonl", "n_overlap": 0,
+                "overlap_keys": set(), "overlap_ids": []}
     if train_path.stat().st_size > max_train_bytes:
-        return {"checked": False, "train_file": str(train_path), "reason": f"train file over {max_train_bytes} bytes"}
-    held, train = _jsonl(heldout_path), _jsonl(train_path)
-    train_ids = {r["id"] for r in train if "id" in r}
-    train_keys = {_record_key(r) for r in train}
-    bad = [r.get("id", i) for i, r in enumerate(held)
-           if ("id" in r and r["id"] in train_ids) or _record_key(r) in train_keys]
-    if bad:
-        raise TrainingDataError(f"{len(bad)} record(s) of {heldout_path} also occur in {train_path} "
-                                f"(first: {bad[:5]}); evaluation must not touch training data")
-    return {"checked": True, "train_file": str(train_path), "n_heldout": len(held), "n_train": len(train)}
+        return {"checked": False, "train_file": str(train_path), "reason": f"train file over {max_train_bytes} bytes",
+                "n_overlap": 0, "overlap_keys": set(), "overlap_ids": []}
+    held = _jsonl(heldout_path)
+    train_ids, train_keys = _train_keys(train_path)
+    bad = [r for r in held if ("id" in r and r["id"] in train_ids) or _record_key(r) in train_keys]
+    return {"checked": True, "train_file": str(train_path), "n_heldout": len(held), "n_overlap": len(bad),
+            "overlap_keys": {_record_key(r) for r in bad}, "overlap_ids": [r.get("id") for r in bad]}
+
+
+def overlap_summary(ov: dict) -> dict:
+    """The JSON-serialisable part of :func:`train_overlap` (what the metrics files record)."""
+    out = {k: v for k, v in ov.items() if k != "overlap_keys"}
+    out["excluded"] = ov.get("n_overlap", 0)
+    out["overlap_ids"] = list(ov.get("overlap_ids", []))[:50]
+    return out
+
+
+def assert_disjoint_from_train(heldout_path, train_path=None, max_train_bytes: int = 512 * 2**20) -> dict:
+    """Raise :class:`TrainingDataError` when a held-out record also occurs in the train file."""
+    ov = train_overlap(heldout_path, train_path, max_train_bytes)
+    if ov["n_overlap"]:
+        raise TrainingDataError(f"{ov['n_overlap']} record(s) of {heldout_path} also occur in {ov['train_file']} "
+                                f"(first: {ov['overlap_ids'][:5]}); evaluation must not touch training data")
+    return overlap_summary(ov)
+
+
+def _heldout_records(path, exclude: set) -> list[dict]:
+    return [r for r in _jsonl(path) if _record_key(r) not in exclude]
 
 
 # --------------------------------------------------------------------------------------------- items
@@ -106,8 +140,13 @@ def _special_ids(tokenizer, model_config=None) -> tuple[int, int, int]:
     return int(bos), int(eos), int(pad)
 
 
-def pretrain_items(path, tokenizer, max_seq_len: int, max_items: int | None = None) -> list[dict]:
-    """Items (``input_ids``/``targets`` long tensors) of held-out pretraining text (``.bin`` or JSONL)."""
+def pretrain_items(path, tokenizer, max_seq_len: int, max_items: int | None = None, seed: int = 0,
+                   exclude: set | None = None) -> list[dict]:
+    """Items (``input_ids``/``targets`` long tensors) of held-out pretraining text (``.bin`` or JSONL).
+
+    ``.bin``: the first ``max_items`` windows. JSONL: a seeded random subset of ``max_items`` documents
+    (records in ``exclude`` — keys of :func:`train_overlap` — left out), in file order, one item per
+    ``max_seq_len + 1`` tokens of ``bos text eos``."""
     path = check_heldout_path(path)
     items: list[dict] = []
     if path.suffix == ".bin":
@@ -121,7 +160,11 @@ def pretrain_items(path, tokenizer, max_seq_len: int, max_items: int | None = No
             items.append({"input_ids": it["input_ids"], "targets": it["targets"]})
         return items
     bos, eos, _ = _special_ids(tokenizer)
-    for rec in _jsonl(path):
+    recs = _heldout_records(path, exclude or set())
+    if max_items is not None and max_items < len(recs):
+        keep = np.sort(np.random.default_rng(seed).choice(len(recs), size=max_items, replace=False))
+        recs = [recs[i] for i in keep]
+    for rec in recs:
         ids = [bos] + tokenizer(rec["text"], add_special_tokens=False)["input_ids"] + [eos]
         for start in range(0, max(len(ids) - 1, 1), max_seq_len):
             w = ids[start:start + max_seq_len + 1]
@@ -134,12 +177,23 @@ def pretrain_items(path, tokenizer, max_seq_len: int, max_items: int | None = No
     return items
 
 
-def sft_items(path, tokenizer, max_seq_len: int, max_items: int | None = None) -> list[dict]:
-    """Items of held-out SFT conversations: targets only on assistant answers (``SFTDataset``)."""
+def sft_items(path, tokenizer, max_seq_len: int, max_items: int | None = None, seed: int = 0,
+              exclude: set | None = None) -> list[dict]:
+    """Items of held-out SFT conversations: targets only on assistant answers (``SFTDataset``; a seeded
+    subset of ``max_items``; records in ``exclude`` left out)."""
     path = check_heldout_path(path)
     from dataset.datasets import SFTDataset
 
-    ds = SFTDataset(str(path), tokenizer, max_seq_len, on_error="skip", limit=max_items, seed=0)
+    if exclude:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            filtered = Path(tmp) / path.name
+            with open(filtered, "w", encoding="utf-8") as f:
+                for r in _heldout_records(path, exclude):
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            return sft_items(filtered, tokenizer, max_seq_len, max_items, seed)
+    ds = SFTDataset(str(path), tokenizer, max_seq_len, on_error="skip", limit=max_items, seed=seed)
     out = []
     for i in range(len(ds)):
         it = ds[i]
@@ -279,11 +333,11 @@ def heldout_loss(model, tokenizer, path, kind: str, max_seq_len: int, split: str
     """Loss / perplexity (with a bootstrap CI over items) on a held-out file; ``kind`` is
     ``"pretrain"`` or ``"sft"``. Includes routing statistics for MoE models when ``collect_routing``."""
     check_heldout_path(path, split)
-    disjoint = assert_disjoint_from_train(path)
+    ov = train_overlap(path)  # records also in the train file are left out (and counted)
     if kind == "pretrain":
-        items = pretrain_items(path, tokenizer, max_seq_len, max_items)
+        items = pretrain_items(path, tokenizer, max_seq_len, max_items, seed, ov["overlap_keys"])
     elif kind == "sft":
-        items = sft_items(path, tokenizer, max_seq_len, max_items)
+        items = sft_items(path, tokenizer, max_seq_len, max_items, seed, ov["overlap_keys"])
     else:
         raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
     _, _, pad = _special_ids(tokenizer, model.config)
@@ -299,7 +353,7 @@ def heldout_loss(model, tokenizer, path, kind: str, max_seq_len: int, split: str
         "perplexity_ci_low": math.exp(ci["ci_low"]), "perplexity_ci_high": math.exp(ci["ci_high"]),
         "bootstrap": {"n_resamples": n_resamples, "seed": seed, "unit": "item"},
         "data_file": str(path), "split": split, "kind": kind, "max_seq_len": max_seq_len,
-        "items_fingerprint": _fingerprint(items), "train_overlap_check": disjoint,
+        "items_fingerprint": _fingerprint(items), "train_overlap_check": overlap_summary(ov),
         "routing": routing.stats() if routing is not None else None,
     })
     return res

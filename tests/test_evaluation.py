@@ -169,6 +169,13 @@ def test_train_split_guard(tmp_path, tok):
     leaked = _write(tmp_path / "sft_test.jsonl", [_sft(9, "《静夜思》的作者是谁？", "李白")])
     with pytest.raises(TrainingDataError, match="also occur"):
         assert_disjoint_from_train(leaked)
+    # the evaluation itself leaves such records out (and counts them) instead of scoring them
+    _write(leaked, [_sft(9, "《静夜思》的作者是谁？", "李白"), _sft(3, "《相思》的作者是谁？", "王维"),
+                    _sft(1, "另一个问题", "另一个答案")])  # x1 shares the id of a train record
+    assert [e["id"] for e in load_heldout_examples(leaked, "test")] == ["x3"]
+    res = heldout_loss(_model(), tok, leaked, "sft", 64, split="test", n_resamples=50)
+    assert res["n_items"] == 1 and res["train_overlap_check"]["excluded"] == 2
+    assert sorted(res["train_overlap_check"]["overlap_ids"]) == ["x1", "x9"]
     with pytest.raises(TrainingDataError):
         load_heldout_examples(train, "validation")
     with pytest.raises(TrainingDataError):
