@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -67,6 +68,12 @@ def per_line(src: Path, tok) -> np.ndarray:
     return np.asarray(out, dtype=np.uint16)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the worker processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=20000)
@@ -87,15 +94,17 @@ def main(argv=None) -> None:
         src.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
         print(f"input: {len(docs):,} documents, {sum(map(len, docs)):,} characters, {src.stat().st_size:,} bytes; "
               f"tokenizer {tok_dir}; cpus {os.cpu_count()}")
-        fast_times, slow_times = [], []
+        fast_times, slow_times, fast_cpu, slow_cpu = [], [], [], []
         for _ in range(args.repeats):  # alternate so both see the same machine load
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             meta = build_bin(src, Path(tmp) / "fast.bin", tok_dir, workers=args.workers,
                              batch_size=args.batch_size, progress=False, log=None)
             fast_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            fast_cpu.append(cpu_seconds() - c0)
+            t0, c0 = time.perf_counter(), cpu_seconds()
             slow = per_line(src, tok)
             slow_times.append(time.perf_counter() - t0)
+            slow_cpu.append(cpu_seconds() - c0)
         t_fast, t_slow = min(fast_times), min(slow_times)
         print("build_bin times (s): " + " ".join(f"{x:.2f}" for x in fast_times))
         print("per-line times (s):  " + " ".join(f"{x:.2f}" for x in slow_times))
@@ -107,6 +116,12 @@ def main(argv=None) -> None:
     print(f"stage 3 build_bin (workers={args.workers}, batch={args.batch_size}): {t_fast:7.2f} s  "
           f"{n / t_fast:12,.0f} tokens/s")
     print(f"speed-up: {t_slow / t_fast:.1f}x")
+    c_fast, c_slow = min(fast_cpu), min(slow_cpu)
+    print(f"CPU seconds (all processes): per-line {c_slow:.2f}, stage 3 {c_fast:.2f} -> {c_slow / c_fast:.1f}x less CPU "
+          f"per token; the wall-clock speed-up approaches this times the number of free cores (up to --workers)")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        print(f"note: load average {load:.1f} on {os.cpu_count()} CPUs: the machine is busy, wall times are noisy")
 
 
 if __name__ == "__main__":
