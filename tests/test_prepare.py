@@ -145,3 +145,17 @@ def test_notebook_executes_on_embedded_data(tmp_path):
                 os.environ[k] = v
     assert len(read(tmp_path / "sft_train.jsonl")) == 500
     assert len(read(tmp_path / "pretrain_train.jsonl")) == 500
+
+
+def _square(x):
+    return x * x
+
+
+def test_ordered_map_streams_an_endless_input_in_order():
+    import itertools
+
+    from dataset.jsonl import ordered_map
+
+    # Pool.imap would try to queue the whole (endless) input; ordered_map keeps a bounded window
+    got = list(itertools.islice(ordered_map(_square, itertools.count(), workers=2, max_pending=4), 50))
+    assert got == [i * i for i in range(50)]
