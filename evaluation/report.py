@@ -562,6 +562,10 @@ class Report:
         matplotlib.use("Agg")
         self._info = self.arm_info()
         baseline = self.baseline_arm(self._info)
+        for i in self._info.values():
+            b = self._info.get(baseline or "", {})
+            i["flops_ratio_to_baseline"] = (i["flops_per_token"] / b["flops_per_token"]
+                                            if i.get("flops_per_token") and b.get("flops_per_token") else None)
         table = self.metric_table()
         comps = self.comparisons(baseline)
         forg = self.forgetting()
@@ -606,11 +610,67 @@ def _diff_text(row: dict) -> tuple[str, str, str]:
     return f"{fmt(s['mean'])} ± {fmt(s['std'])} (t CI [{fmt(s['ci_low'])}, {fmt(s['ci_high'])}])", per, str(s["n_seeds"])
 
 
+def _interval(summary: dict, per_seed: dict) -> tuple[float, float | None, float | None, str]:
+    """(estimate, low, high, how) of a difference: the bootstrap CI with one seed, the t CI across seeds."""
+    if summary["n_seeds"] == 1:
+        d = next(iter(per_seed.values()))
+        return d["diff"], d["ci_low"], d["ci_high"], "paired bootstrap 95% CI, 1 seed"
+    return summary["mean"], summary["ci_low"], summary["ci_high"], \
+        f"mean ± std {fmt(summary['std'])} over {summary['n_seeds']} seeds, t 95% CI"
+
+
+def _verdict(lo, hi, lower_better: bool) -> str:
+    if lo is None or hi is None:
+        return "no interval"
+    if lo > 0:
+        return "worse" if lower_better else "better"
+    if hi < 0:
+        return "better" if lower_better else "worse"
+    return "no clear difference (the interval contains 0)"
+
+
+SUMMARY_METRICS = ("sft_loss", "pretrain_loss", "rouge_l_char", "token_f1_word", "answer_in_prediction")
+
+
+def summary_lines(rep: dict) -> list[str]:
+    """The report's statements; every number in them is a report.json number."""
+    out = []
+    base = rep["baseline_arm"]
+    for arm, i in rep["arms"].items():
+        if arm != base and i.get("flops_ratio_to_baseline") is not None:
+            out.append(f"- Compute: **{arm}** needs {fmt(i['flops_ratio_to_baseline'])} × the training FLOPs per token "
+                       f"of **{base}** ({i['flops_per_token']:,} vs {rep['arms'][base]['flops_per_token']:,}; "
+                       f"active parameters {i['active_params']:,} vs {rep['arms'][base]['active_params']:,}).")
+    for c in rep["comparisons"]:
+        if c["metric"] not in SUMMARY_METRICS:
+            continue
+        est, lo, hi, how = _interval(c["across_seeds"], c["per_seed"])
+        lower = c["metric"].endswith("_loss")
+        out.append(f"- Quality ({c['stage']} checkpoint), {c['arm']} − {c['baseline']} on held-out {c['metric']}: "
+                   f"{fmt(est)} [{fmt(lo)}, {fmt(hi)}] ({how}{'; lower is better' if lower else ''}) → "
+                   f"**{_verdict(lo, hi, lower)}**.")
+    for r in rep["routing"]:
+        mv = ", ".join(f"layer {lay['layer']} {fmt(lay['max_violation']['mean'])}" for lay in r["layers"])
+        ent = ", ".join(f"{fmt(lay['router_entropy']['mean'])}" for lay in r["layers"])
+        out.append(f"- Load balance of **{r['arm']}** ({r['stage']} checkpoint, held-out text): max-violation "
+                   f"(0 = perfectly balanced) {mv}; router entropy per layer {ent} nats "
+                   f"(uniform = {fmt(r['router_entropy_max'])}).")
+    for f in rep["forgetting"]:
+        s = f["across_seeds"]
+        est, lo, hi, how = _interval(s, f["per_seed"])
+        word = ("forgetting (loss went up)" if lo is not None and lo > 0 else
+                "improvement (loss went down)" if hi is not None and hi < 0 else "no clear change")
+        out.append(f"- Forgetting of **{f['arm']}**: held-out {f['heldout']} loss, DPO − SFT checkpoint = {fmt(est)} "
+                   f"[{fmt(lo)}, {fmt(hi)}] ({how}) → **{word}**.")
+    return out or ["- Nothing to compare: see Notes."]
+
+
 def render_markdown(rep: dict) -> str:
     L = ["# MateConv run report", "",
          f"Run directory: `{rep['run_dir']}`. Every number below is computed by `python -m evaluation.report` from "
          "this run's files (`arms/*/seed*/*/metrics.jsonl`, `eval/*.json`, `eval/*_generations.jsonl`); "
          "`report.json` holds the same numbers. All evaluation data are held-out splits (never training data).", ""]
+    L += ["## Summary", "", *summary_lines(rep), ""]
     L += ["## Setup", "", "| arm | MoE | total params | active params/token | FLOPs/token (seq len) | training seeds |",
           "| --- | --- | --- | --- | --- | --- |"]
     for arm, i in rep["arms"].items():

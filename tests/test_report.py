@@ -327,6 +327,19 @@ def test_markdown_numbers_equal_report_json(tiny_run):
               *(d[k] for d in c["per_seed"].values() for k in ("diff", "ci_low", "ci_high"))]}
     printed = [float(x) for x in _NUM.findall(comp_md)]
     assert printed and all(round(x, 4) in known or any(abs(x - k) <= 1.01e-4 for k in known) for x in printed)
+    # the summary's statements use report.json numbers only (comparisons, forgetting, routing, FLOPs ratio)
+    known |= {round(v, 4) for f in rep["forgetting"] for v in
+              [*(f["across_seeds"][k] for k in ("mean", "std", "ci_low", "ci_high")),
+               *(d[k] for d in f["per_seed"].values() for k in ("diff", "ci_low", "ci_high"))]}
+    known |= {round(v, 4) for r in rep["routing"] for lay in r["layers"] for v in
+              (lay["max_violation"]["mean"], lay["router_entropy"]["mean"])}
+    known |= {round(r["router_entropy_max"], 4) for r in rep["routing"]}
+    known.add(round(rep["arms"]["moe"]["flops_ratio_to_baseline"], 4))
+    summary = md.split("## Summary")[1].split("## Setup")[0]
+    printed = [float(x) for x in _NUM.findall(summary)]
+    assert len(printed) > 20
+    assert all(any(abs(x - k) <= 1.01e-4 for k in known) for x in printed)
+    assert "Forgetting of **dense**" in summary and "Load balance of **moe**" in summary
 
 
 def test_no_metric_used_training_data(tiny_run):
