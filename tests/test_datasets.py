@@ -175,3 +175,21 @@ def test_preference_dataset_reads_all_pair_formats_identically(tmp_path, tok):
 def test_fixture_files_load(tok):
     assert len(PreferenceDataset(DATA / "original_pairs.jsonl", tok, 256)) >= 2
     assert len(PreferenceDataset(DATA / "chosen_rejected.jsonl", tok, 256)) >= 2
+
+
+def test_any_chat_template_masks_exactly_the_answers():
+    """A tokenizer whose chat template differs from the MateConv one (and from the built-in rendering)."""
+    tok = load_tokenizer(FIXTURE)
+    tok.chat_template = ("{% for m in messages %}{{ '[' + m['role'] + ']: ' + m['content'] + eos_token + '\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '[assistant]: ' }}{% endif %}")
+    msgs = conv("第一问", "第一答", "第二问", "第二答", system="系统")["conversations"]
+    enc = ChatEncoder(tok)
+    assert enc._same_as_builtin == {False: False, True: False}
+    ids, mask = enc.encode(msgs)
+    assert tok.decode(ids.tolist()) == tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(ids[mask].tolist()) == "第一答</s>第二答</s>"
+    ids, mask = enc.encode(msgs, last_only=True)
+    assert tok.decode(ids[mask].tolist()) == "第二答</s>"
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert not mask[:n].any() and mask[n]  # the generation prompt is tokenized as at inference
