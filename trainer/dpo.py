@@ -24,16 +24,29 @@ Rewards and logged metrics use TRL's names (sums over pairs; the trainer divides
 as long as it can be computed), ``loss/dpo``, ``loss/sft`` (NLL_c).
 
 Held-out preference accuracy (``--eval_pairs_path``): the same metrics on held-out pairs before
-training (step 0) and at each evaluation, plus ``reward_accuracy`` in which a tie (|margin| ≤ 1e-4,
-e.g. at step 0 where the policy *is* the reference) counts 1/2, so chance level reads 0.5, and
-``logp_accuracy`` = [π_c > π_r] (whether the model itself gives the chosen answer more probability).
+training (step 0) and at each ``--eval_interval``, logged as ``pairs/<name>`` (``pairs/rewards/accuracies``
+...), plus ``pairs/reward_accuracy`` in which a tie (|margin| ≤ 1e-4, e.g. at step 0 where the policy
+*is* the reference) counts 1/2, so chance level reads 0.5, and ``pairs/logp_accuracy`` = [π_c > π_r]
+(whether the model itself gives the chosen answer more probability; meaningful at step 0 too).
 
-Reference model: ``--init_from`` (the SFT checkpoint; required, a missing path is an error) initialises
-the policy and the reference. On resume the reference is still read from ``--init_from``.
+Starting point: ``--init_from`` (an SFT checkpoint or SFT run dir; default: the latest checkpoint of
+``<out_dir>/sft_<model tag>``, else of ``out/sft_<model tag>`` where ``5.full_sft.py`` writes) initialises
+the policy *and* the reference. No checkpoint found is an error (``--init_from none`` too): DPO never
+starts from random or pretraining-only weights. On ``--resume`` the policy continues from the run's
+checkpoint and the reference is still the ``--init_from`` SFT model (recorded in ``trainer_state.json``).
+``--max_steps`` counts optimizer steps (each of ``--accumulation_steps`` micro-batches of
+``--batch_size`` pairs per process), as in the other stages; SIGINT saves and stops (``--resume``).
+
+Defaults: ``--beta 0.2``, ``--kl_coef 0.05``, ``--batch_size 16``, ``--grad_clip 1.0`` (the original's),
+``--learning_rate 1e-5`` (typical for DPO: the policy must stay near the reference; the original README
+run used 1e-4 with its reference-free loss), ``--warmup_ratio 0.06``. On CPU (demo): batch 8, context
+256, lr 1e-4. The MoE balance loss and the router-bias updates are applied by the trainer as in the
+other stages (one policy forward per micro-batch, chosen and rejected answers in one [2B, T] batch).
 
 - live reference (default): a frozen copy of the SFT model runs next to the policy on every batch.
 - ``--precompute_ref``: before training, the reference log-probabilities of every train and eval pair
-  are computed once (one pass, no gradients) and the reference model is freed. The KL term needs the
+  are computed once (one pass, no gradients; every process computes them all) and the reference
+  model is freed. The KL term needs the
   reference's full next-token distribution on the chosen answers, which is too large to store, so:
 
   * ``--kl_topk 0`` (default, exact KL): with ``--kl_coef > 0`` the reference model is *kept* and run
@@ -253,8 +266,9 @@ class RefStore:
         out = {"chosen": self.chosen[index].to(device), "rejected": self.rejected[index].to(device)}
         if self.has_topk:
             spans = [slice(int(self.offsets[i]), int(self.offsets[i + 1])) for i in index]
-            out["topk"] = tuple(torch.cat([t[s] for s in spans]).to(device)
-                                for t in (self.topk_ids, self.topk_logps, self.rest_logps))
+            ids, logq, rest = (torch.cat([t[s] for s in spans]).to(device)
+                               for t in (self.topk_ids, self.topk_logps, self.rest_logps))
+            out["topk"] = (ids.long(), logq, rest)
         return out
 
 
@@ -286,7 +300,7 @@ def precompute_reference(ref_model, dataset, collate, *, batch_size: int, device
     store = RefStore(torch.cat(chosen), torch.cat(rejected))
     if topk:
         n = torch.cat(counts)
-        store.topk_ids = torch.cat(ids_l).long()
+        store.topk_ids = torch.cat(ids_l)  # int32: 8 bytes per (id, log-prob) entry
         store.topk_logps = torch.cat(logq_l)
         store.rest_logps = torch.cat(rest_l)
         store.offsets = torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)])
