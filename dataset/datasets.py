@@ -19,6 +19,7 @@ tokens are exactly those the model has to generate.
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch.utils.data import Dataset
 
 from .build_bin import batch_encoder
 from .errors import DataError, Report, check_on_error, missing_file
-from .jsonl import iter_jsonl
+from .jsonl import iter_jsonl, ordered_map
 from .prepare import check_conversations, to_canonical_pair
 
 IGNORE_INDEX = -100
@@ -338,11 +339,25 @@ def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
     return idx
 
 
+_ENCODER: ChatEncoder | None = None
+_LAST_ONLY = False
+
+
+def _set_encoder(encoder: ChatEncoder, last_only: bool) -> None:
+    global _ENCODER, _LAST_ONLY
+    _ENCODER, _LAST_ONLY = encoder, last_only
+
+
+def _encode_task(conversations):
+    return _ENCODER.encode_many(conversations, _LAST_ONLY)
+
+
 class _ChatDataset(Dataset):
     batch_records = 256
+    last_only = False
 
     def __init__(self, jsonl_path, tokenizer, max_seq_len: int, *, on_error: str = "raise",
-                 template: str = "auto", limit: int | None = None, seed: int = 0):
+                 template: str = "auto", limit: int | None = None, seed: int = 0, workers: int = 1):
         self.path = Path(jsonl_path)
         if not self.path.is_file():
             raise missing_file(self.path, "input file")
@@ -350,13 +365,13 @@ class _ChatDataset(Dataset):
         self.on_error = check_on_error(on_error)
         self.encoder = ChatEncoder(tokenizer, template)
         self.report = Report(on_error, name=f"{type(self).__name__}({self.path.name})")
-        self.ids: list = []
-        self._load()
-        keep = _subsample(len(self.ids), limit, seed)
-        self.ids = [self.ids[i] for i in keep]
-        self._finish(keep)
+        self.lines: list[int] = []  # source line of each kept sample
+        self._load(workers)
+        keep = _subsample(len(self.lines), limit, seed)
+        self.lines = [self.lines[i] for i in keep]
+        self._keep = keep
 
-    def _load(self):
+    def _batches(self):
         batch = []
         for line, obj in iter_jsonl(self.path, self.report):
             try:
@@ -364,17 +379,30 @@ class _ChatDataset(Dataset):
             except DataError as e:
                 self.report.error(e)
             if len(batch) >= self.batch_records:
-                self._encode(batch)
+                yield batch
                 batch = []
         if batch:
-            self._encode(batch)
+            yield batch
+
+    def _load(self, workers: int):
+        """Stream the file; parse here, tokenize in ``workers`` forked processes (input order kept)."""
+        pending: collections.deque = collections.deque()
+
+        def tasks():
+            for batch in self._batches():
+                pending.append(batch)
+                yield self._conversations(batch)
+
+        for encoded in ordered_map(_encode_task, tasks(), workers, initializer=_set_encoder,
+                                   initargs=(self.encoder, self.last_only)):
+            self._store(pending.popleft(), encoded)
 
     def _too_long(self, line, what="") -> DataError:
         return DataError(f"sample longer than the context ({self.max_seq_len} tokens): no {what}answer token "
                          "left after truncation", file=self.path, line=line, reason="too_long")
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.lines)
 
     @property
     def summary(self) -> dict:
@@ -386,34 +414,34 @@ class SFTDataset(_ChatDataset):
 
     Longer samples keep their start; a sample whose answers are all cut away raises "sample longer
     than the context" (``on_error="skip"``: counted in ``summary`` and left out). ``limit`` with
-    ``seed`` keeps a deterministic random subset. Samples are tokenized once, at construction, and
-    stored flat (int32).
+    ``seed`` keeps a deterministic random subset. The file is streamed and tokenized once, at
+    construction (``workers`` > 1: in forked processes, same result), and stored flat at ~3 bytes
+    per token; ``lines`` holds the source line of each sample, ``summary`` the kept/skipped counts.
     """
 
     def _parse(self, obj, line):
         return check_conversations(obj.get("conversations"), self.path, line)
 
-    def _encode(self, batch):
-        encoded = self.encoder.encode_many([m for _, m in batch])
+    def _conversations(self, batch):
+        return [m for _, m in batch]
+
+    def _store(self, batch, encoded):
         for (line, _), (ids, mask) in zip(batch, encoded):
             seq, m, ok = _truncate(ids, mask, self.max_seq_len)
             if not ok:
                 self.report.error(self._too_long(line))
                 continue
             self.report.keep()
-            self._store.add(seq, m)
-            self.ids.append(line)
+            self._samples.add(seq, m)
+            self.lines.append(line)
 
-    def _load(self):
-        self._store = _Packed(len(self.encoder.tok))
-        super()._load()
-        self._store.finish()
-
-    def _finish(self, keep):
-        self._keep = keep
+    def _load(self, workers):
+        self._samples = _Packed(len(self.encoder.tok))
+        super()._load(workers)
+        self._samples.finish()
 
     def __getitem__(self, i: int) -> dict:
-        inp, tgt = self._store.get(int(self._keep[i]))
+        inp, tgt = self._samples.get(int(self._keep[i]))
         return {"input_ids": inp, "targets": tgt}
 
 
@@ -425,15 +453,19 @@ class PreferenceDataset(_ChatDataset):
     "longer than the context".
     """
 
+    last_only = True
+
     def _parse(self, obj, line):
         return to_canonical_pair(obj, self.path, line)
 
-    def _encode(self, batch):
+    def _conversations(self, batch):
         convs = []
         for _, p in batch:
             convs.append(p["prompt"] + [{"role": "assistant", "content": p["chosen"]}])
             convs.append(p["prompt"] + [{"role": "assistant", "content": p["rejected"]}])
-        encoded = self.encoder.encode_many(convs, last_only=True)
+        return convs
+
+    def _store(self, batch, encoded):
         for k, (line, _) in enumerate(batch):
             c = _truncate(*encoded[2 * k], self.max_seq_len)
             r = _truncate(*encoded[2 * k + 1], self.max_seq_len)
@@ -444,16 +476,13 @@ class PreferenceDataset(_ChatDataset):
             self.report.keep()
             self._chosen.add(c[0], c[1])
             self._rejected.add(r[0], r[1])
-            self.ids.append(line)
+            self.lines.append(line)
 
-    def _load(self):
+    def _load(self, workers):
         self._chosen, self._rejected = _Packed(len(self.encoder.tok)), _Packed(len(self.encoder.tok))
-        super()._load()
+        super()._load(workers)
         self._chosen.finish()
         self._rejected.finish()
-
-    def _finish(self, keep):
-        self._keep = keep
 
     def __getitem__(self, i: int) -> dict:
         j = int(self._keep[i])

@@ -133,7 +133,7 @@ def test_sft_subset_is_deterministic_given_seed(tmp_path, tok):
     a = SFTDataset(path, tok, 64, limit=5, seed=1)
     b = SFTDataset(path, tok, 64, limit=5, seed=1)
     c = SFTDataset(path, tok, 64, limit=5, seed=2)
-    assert a.ids == b.ids and len(a) == 5 and a.ids != c.ids
+    assert a.lines == b.lines and len(a) == 5 and a.lines != c.lines
     assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(5))
 
 
@@ -193,3 +193,12 @@ def test_any_chat_template_masks_exactly_the_answers():
     prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
     n = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert not mask[:n].any() and mask[n]  # the generation prompt is tokenized as at inference
+
+
+def test_workers_give_identical_samples(tmp_path, tok):
+    rows = [conv(f"第{i}个问题", "回答" * (i % 7 + 1)) for i in range(40)]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    a = SFTDataset(path, tok, 32, workers=1)
+    b = SFTDataset(path, tok, 32, workers=2)
+    assert a.lines == b.lines == list(range(1, 41))
+    assert all(torch.equal(a[i]["targets"], b[i]["targets"]) for i in range(len(a)))
