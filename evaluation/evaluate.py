@@ -33,11 +33,26 @@ from .heldout import check_heldout_path, heldout_loss, overlap_summary, train_ov
 SCHEMA_VERSION = 1
 
 
+def resolve(path) -> Path:
+    """A checkpoint dir, or a trainer run dir / its ``checkpoints/`` (-> the latest complete checkpoint)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    try:
+        from trainer.checkpoint import resolve_checkpoint
+
+        found = resolve_checkpoint(path)
+    except (ImportError, OSError, ValueError):
+        found = None
+    return Path(found) if found is not None else path
+
+
 def load_checkpoint(path, device: str = "cpu"):
-    """A checkpoint directory (``save_pretrained`` layout) -> model in eval mode."""
+    """A checkpoint directory (``save_pretrained`` layout; a trainer run directory resolves to its latest
+    complete checkpoint) -> model in eval mode. A missing checkpoint is an error, never a random model."""
     from model import MateConvForCausalLM
 
-    path = Path(path)
+    path = resolve(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (config.json missing): refusing to evaluate a random model")
     model = MateConvForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -121,6 +136,7 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
 
 def evaluate_checkpoint(checkpoint, out=None, tokenizer=None, device: str = "cpu", **kwargs) -> dict:
     """Load ``checkpoint`` (and its tokenizer), evaluate, and write ``out`` (JSON) when given."""
+    checkpoint = resolve(checkpoint)
     model = load_checkpoint(checkpoint, device)
     tok = load_eval_tokenizer(tokenizer, checkpoint)
     if out is not None and kwargs.get("generations_out") is None and kwargs.get("do_generation", True):

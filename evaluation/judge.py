@@ -40,12 +40,13 @@ def _question(prompt_messages_or_text) -> str:
 
 def judge_win_rate(records_a: list[dict], records_b: list[dict], base_url: str, model: str,
                    api_key: str | None = None, max_examples: int | None = None, seed: int = 0,
-                   temperature: float = 0.0, timeout: float = 60.0, n_resamples: int = 2000) -> dict:
+                   temperature: float = 0.0, timeout: float = 60.0, n_resamples: int = 2000,
+                   max_retries: int = 2) -> dict:
     """Win rate of A over B judged by ``model`` at ``base_url`` (see module doc)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none"),
-                    timeout=timeout, max_retries=2)
+                    timeout=timeout, max_retries=max_retries)
     b = {r["id"]: r for r in records_b}
     common = [r for r in records_a if r["id"] in b]
     rng = np.random.default_rng(seed)
