@@ -132,3 +132,19 @@ def test_resume_continues_from_the_sft_reference(setup):
     for step in (3, 4):
         for k in ("loss", "rewards/margins", "kl"):
             assert resumed[step][k] == pytest.approx(full[step][k], rel=1e-4, abs=1e-6)
+
+
+def test_original_command_line_parses():
+    from trainer.args import fill_defaults, parse_args
+
+    argv = ("--out_dir out_dpo --pairs_path ./dataset/dpo_pairs.jsonl --epochs 20 --max_steps 1800 --batch_size 16 "
+            "--learning_rate 1e-4 --beta 0.2 --kl_coef 0.05 --warmup_ratio 0.06 --accumulation_steps 2 "
+            "--grad_clip 1.0 --use_wandb --local_rank 0").split()
+    task = DPOTask()
+    args = fill_defaults(parse_args(task, argv), task, on_cpu=False)
+    assert (args.max_steps, args.epochs, args.batch_size, args.accumulation_steps) == (1800, 20, 16, 2)
+    assert (args.learning_rate, args.beta, args.kl_coef, args.warmup_ratio, args.grad_clip) == (1e-4, 0.2, 0.05, 0.06, 1.0)
+    assert args.use_wandb and args.pairs_path == "./dataset/dpo_pairs.jsonl" and args.out_dir == "out_dpo"
+    d = fill_defaults(parse_args(task, []), task, on_cpu=False)
+    assert (d.beta, d.kl_coef, d.batch_size, d.grad_clip, d.kl_topk, d.sft_coef) == (0.2, 0.05, 16, 1.0, 0, 0.0)
+    assert not d.precompute_ref and not d.length_norm
