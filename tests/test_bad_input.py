@@ -187,3 +187,15 @@ def test_bin_sidecar_problems(tmp_path, tok):
     path = _bin(tmp_path / "short.bin", np.full(100, 5), tok, num_tokens=99)
     with pytest.raises(DataError, match=re.escape(str(path)) + ".*sidecar says 99 tokens, the file holds 100"):
         PretrainDataset(path, 16)
+
+
+def test_csv_invalid_utf8_and_bad_header(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes("history,q,a\n[],问题问题问题问题问题,答案答案答案\n".encode() + b"[],\xff\xfe,x\n")
+    with pytest.raises(DataError, match=located(path, 3) + ".*invalid UTF-8"):
+        prepare("sft", path, tmp_path / "o.jsonl", progress=False, log=None)
+    rep = prepare("sft", path, tmp_path / "o.jsonl", on_error="skip", progress=False, log=None)
+    assert rep.kept == 1 and rep.skipped == {"invalid_utf8": 1}
+    path.write_text("history,question,answer\n[],q,a\n", encoding="utf-8")
+    with pytest.raises(DataError, match=located(path, 1) + ".*field 'q': missing column"):
+        prepare("sft", path, tmp_path / "o.jsonl", progress=False, log=None)
