@@ -130,9 +130,11 @@ def ordered_map(fn: Callable, items: Iterable, workers: int = 1, initializer=Non
                 max_pending: int | None = None) -> Iterator:
     """``map(fn, items)`` across ``workers`` processes, results in input order, bounded memory.
 
-    ``multiprocessing.Pool.imap`` reads its whole input eagerly (a 31 GB file would end up in the
-    task queue), so the input is fed in windows of ``max_pending`` items, each run with ``Pool.imap``
-    and drained in order before the next window is read. ``workers <= 1`` runs in this process.
+    ``multiprocessing.Pool.imap`` would do the same, but its feeder thread reads the whole input
+    eagerly (a 31 GB file would end up in the task queue). Here a sliding window of at most
+    ``max_pending`` (default ``4 * workers``) tasks is in flight (``Pool.apply_async``); results are
+    taken in submission order and each one taken lets the next item be read. ``workers <= 1`` runs
+    in this process (no pool). Workers are forked, so they inherit ``initargs`` without pickling.
     """
     if workers <= 1:
         if initializer is not None:
