@@ -103,8 +103,8 @@ ENV: dict[str, tuple[tuple[str, ...], str]] = {
     "tokenizer": (("LOCAL_TOKENIZER",), "tokenizer directory of the local generator"),
     "local_batch": (("LOCAL_BATCH",), "prompts per batch of local sampling (x K rows)"),
     "device": (("DEVICE",), "device of the local generator"),
-    "threads": (("TORCH_THREADS",), "torch CPU threads for local sampling (0 = torch default; 1 is "
-                                    "fastest for tiny models on a busy machine)"),
+    "threads": (("TORCH_THREADS",), "torch CPU threads for local sampling (0 = auto: 1 for models under "
+                                    "10M parameters, else torch's default)"),
     "judge": (("JUDGE",), "openai (an LLM ranks the candidates) or reference (similarity to the reference)"),
     "judge_model": (("JUDGE_MODEL",), "judge model name"),
     "judge_temperature": (("JUDGE_TEMPERATURE",), "judge temperature"),

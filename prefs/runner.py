@@ -95,8 +95,10 @@ def load_prompts(path: str | Path, n: int, seed: int) -> tuple[list[Prompt], int
                 continue
             seen.add(p.id)
             prompts.append(p)
+    # a seeded shuffle, then the first n: a larger n extends the same sample (resume-friendly)
+    random.Random(seed).shuffle(prompts)
     if n and n < len(prompts):
-        prompts = random.Random(seed).sample(prompts, n)
+        prompts = prompts[:n]
     return prompts, bad
 
 
@@ -252,15 +254,19 @@ def run(cfg: PrefsConfig, prompts: list[Prompt], *, generator=None, judge=None, 
     """Generate pairs for ``prompts`` into ``cfg.out_path`` (resuming); return the summary."""
     t0 = time.time()
     stats = stats or Stats()
-    threads_before = None
-    if cfg.threads > 0:
-        import torch
-
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
     if generator is None or judge is None:
         g, j = build_backends(cfg, stats)
         generator, judge = generator or g, judge or j
+    threads = cfg.threads
+    if threads == 0 and isinstance(generator, LocalGenerator) and cfg.device == "cpu":
+        n_params = sum(p.numel() for p in generator.engine.model.parameters())
+        threads = 1 if n_params < 10_000_000 else 0  # tiny matrices: more threads only add overhead
+    threads_before = None
+    if threads > 0:
+        import torch
+
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads)
     writer = PairWriter(cfg.out_path, cfg.fsync)
     pending = [p for p in prompts if p.id not in writer.done_ids]
     skipped = len(prompts) - len(pending)
@@ -298,6 +304,9 @@ def run(cfg: PrefsConfig, prompts: list[Prompt], *, generator=None, judge=None, 
             stop_event.set()
             fatal.append(str(e))
             return [(p, "aborted", None) for p in batch]
+        except Exception as e:  # an unexpected generator error fails this batch only
+            log.exception("generation failed for a batch of %d prompts", len(batch))
+            results = [PromptFailed(f"error:{type(e).__name__}", str(e)[:200])] * len(batch)
         out = []
         for p, res in zip(batch, results):
             if stop_event.is_set():
@@ -313,6 +322,11 @@ def run(cfg: PrefsConfig, prompts: list[Prompt], *, generator=None, judge=None, 
                 stop_event.set()
                 fatal.append(str(e))
                 out.append((p, "aborted", None))
+            except Exception as e:  # a bug or an unexpected reply: this prompt fails, the run goes on
+                log.exception("prompt %s failed", p.id)
+                reason = f"error:{type(e).__name__}"
+                writer.write(p.id, [], "failed", reason)
+                out.append((p, "failed", reason))
         return out
 
     bs = max(1, getattr(generator, "batch_size", 1))
@@ -323,36 +337,46 @@ def run(cfg: PrefsConfig, prompts: list[Prompt], *, generator=None, judge=None, 
         from tqdm import tqdm
 
         bar = tqdm(total=len(pending), desc="prompts", unit="prompt", file=sys.stderr, mininterval=1.0)
+
+    def tally(results) -> None:
+        nonlocal pairs_written
+        for p, kind, val in results:
+            counts[kind] += 1
+            if kind == "failed":
+                failed[p.id] = val
+            elif kind == "no_pair":
+                no_pair[val or "unknown"] += 1
+            elif kind == "written":
+                pairs_written += val
+            if bar is not None:
+                bar.update(1)
+
     interrupted = False
+    running: set = set()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefs")
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefs") as pool:
-            it = iter(batches)
-            running = set()
-            for b in it:  # keep at most 2 x workers batches queued: bounded memory, fast stop
-                running.add(pool.submit(task, b))
-                if len(running) >= 2 * workers:
-                    break
-            while running:
-                done_set, running = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done_set:
-                    for p, kind, val in fut.result():
-                        counts[kind] += 1
-                        if kind == "failed":
-                            failed[p.id] = val
-                        elif kind == "no_pair":
-                            no_pair[val or "unknown"] += 1
-                        elif kind == "written":
-                            pairs_written += val
-                        if bar is not None:
-                            bar.update(1)
-                    if not stop_event.is_set():
-                        nxt = next(it, None)
-                        if nxt is not None:
-                            running.add(pool.submit(task, nxt))
+        it = iter(batches)
+        for b in it:  # keep at most 2 x workers batches queued: bounded memory, fast stop
+            running.add(pool.submit(task, b))
+            if len(running) >= 2 * workers:
+                break
+        while running:
+            done_set, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done_set:
+                tally(fut.result())
+                if not stop_event.is_set():
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        running.add(pool.submit(task, nxt))
     except KeyboardInterrupt:
         interrupted = True
         stop_event.set()
     finally:
+        stop_event.set()  # queued batches return at once; in-flight prompts finish (and are written)
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fut in running:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                tally(fut.result())
         if bar is not None:
             bar.close()
         writer.close()
