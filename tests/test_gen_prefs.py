@@ -80,6 +80,24 @@ def test_metrics_and_ranking_parser():
     assert parse_ranking('{"ranking": [1, 2, 3, 9]}', 4) is None
 
 
+def test_settings_env_names_and_flag_precedence():
+    from prefs.config import build_parser, resolve
+
+    env = {"GEN_MODEL": "qwen2.5", "JUDGE_MODEL": "j", "N_PROMPTS": "7", "K_SAMPLES": "3", "MAX_WORKERS": "2",
+           "RPS": "1.5", "MAX_TRIES": "4", "GEN_TEMPERATURE": "0.9", "OUT_PATH": "x.jsonl",
+           "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "secret-never-stored"}
+    cfg = resolve(build_parser().parse_args(["--k_samples", "5", "--gen_model", "flag-wins"]), env=env)
+    assert (cfg.gen_model, cfg.k_samples, cfg.judge_model, cfg.n_prompts) == ("flag-wins", 5, "j", 7)
+    assert (cfg.max_workers, cfg.rps, cfg.max_tries, cfg.gen_temperature) == (2, 1.5, 4, 0.9)
+    assert cfg.out_path == "x.jsonl" and cfg.base_url == "http://127.0.0.1:9/v1"
+    assert "secret-never-stored" not in json.dumps(cfg.public_dict())
+    d = resolve(build_parser().parse_args([]), env={})
+    assert (d.gen_model, d.judge_model, d.gen_temperature, d.judge_temperature, d.n_prompts, d.k_samples,
+            d.max_tries) == ("gpt-4o", "gpt-4o-mini", 0.7, 0.0, 3000, 4, 8)
+    with pytest.raises(ValueError):
+        resolve(build_parser().parse_args(["--k_samples", "1"]), env={})
+
+
 # ----------------------------------------------------------------------------------------------
 # our own server as the generator, and the local generator; reference judge
 
@@ -151,6 +169,12 @@ def test_local_generator_batched(tiny_ckpt, tmp_path):
     check_pairs(pairs)
     assert len(pairs) == s["pairs_written"] == s["written_prompts"]  # one pair per prompt by default
     assert all(p["meta"]["k"] >= 2 for p in pairs)
+    # the DPO stage reads the file as written
+    from dataset.datasets import PreferenceDataset
+    from tokenizer import load_tokenizer
+
+    ds = PreferenceDataset(str(out), load_tokenizer(tiny_ckpt), 256)
+    assert len(ds) == len(pairs) and ds[0]["chosen_input_ids"].numel() > 0
 
 
 # ----------------------------------------------------------------------------------------------
