@@ -269,20 +269,39 @@ def test_wandb_offline_moe_expert_load(data, tmp_path):
 
 
 def _wandb_history_keys(run_path: Path) -> set[str]:
+    """Keys of the history records in an offline run's ``.wandb`` file (LevelDB log format, W&B header)."""
+    import struct
+
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
     files = list(run_path.glob("*.wandb"))
     assert files
-    ds = datastore.DataStore()
-    ds.open_for_scan(str(files[0]))
+    data = files[0].read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, records, buf = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        off = pos % block
+        if block - off < 7:
+            pos += block - off
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += block - off
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            records.append(buf + chunk)
     keys = set()
-    while True:
-        data = ds.scan_data()
-        if data is None:
-            break
+    for raw in records:
         rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+        rec.ParseFromString(raw)
         if rec.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
     return keys

@@ -121,7 +121,10 @@ class RunLogger:
         if id_file is not None and resume_step > 0 and id_file.is_file():
             run_id = id_file.read_text().strip() or None
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            import secrets
+            import string
+
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         self.wandb = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=mode,
                                 dir=str(self.run_dir) if self.run_dir else None, config=config)
         if id_file is not None:
