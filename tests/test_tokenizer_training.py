@@ -132,7 +132,7 @@ def test_shipped_round_trips_and_compression(shipped, held_out):
     assert tt.round_trip_failures(shipped, held_out + ODD_TEXTS) == []
     ours = tt.chars_per_token(shipped, held_out)
     original = tt.chars_per_token(load_tokenizer(FIXTURE), held_out)
-    assert ours > 1.1 and ours > original  # trained on this domain: fewer tokens than the general one
+    assert ours > 1.0 and ours > 1.2 * original  # trained on this domain: fewer tokens than the general one
     report = json.loads((DEFAULT_TOKENIZER_DIR / "training_report.json").read_text(encoding="utf-8"))
     assert report["round_trip_ok"] and report["vocab_size"] == 6400
 
