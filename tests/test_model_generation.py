@@ -1,0 +1,135 @@
+"""Generation: cached == uncached == transformers generate; left padding; stopping; sampling; streaming."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import MateConvConfig, MateConvForCausalLM
+from model.generation import StaticKVCache, generate, sample_next, stream_generate, stream_text
+
+DENSE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, max_position_embeddings=256)
+MOE = dict(DENSE, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+           moe_intermediate_size=32)
+FIXTURE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = MateConvForCausalLM(MateConvConfig(**cfg)).eval()
+    with torch.no_grad():  # larger weights than the init so greedy paths are varied, not one repeated token
+        for n, p in m.named_parameters():
+            if "norm" not in n:
+                p.normal_(0.0, 0.2)
+    return m
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
+def test_cached_uncached_and_transformers_generate_agree(cfg):
+    m = make(cfg)
+    x = torch.randint(4, 512, (1, 9))
+    cached = generate(m, x, max_new_tokens=40, do_sample=False, eos_token_id=[])
+    uncached = generate(m, x, max_new_tokens=40, do_sample=False, eos_token_id=[], use_cache=False)
+    hf = m.generate(x, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=3)
+    assert cached.shape == (1, 49)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, hf)
+    assert len(set(cached[0, 9:].tolist())) > 3  # not a degenerate constant stream
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
+def test_left_padded_batch_equals_each_prompt_alone(cfg):
+    m = make(cfg)
+    a, b = torch.randint(4, 512, (12,)), torch.randint(4, 512, (5,))
+    batch = torch.full((2, 12), 3)
+    batch[0], batch[1, 7:] = a, b
+    mask = (batch != 3).long()
+    mask[0] = 1
+    out = generate(m, batch, mask, max_new_tokens=20, do_sample=False, eos_token_id=[])
+    assert torch.equal(out[0], generate(m, a, max_new_tokens=20, do_sample=False, eos_token_id=[])[0])
+    assert torch.equal(out[1, 7:], generate(m, b, max_new_tokens=20, do_sample=False, eos_token_id=[])[0])
+    hf = m.generate(batch, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=3)
+    assert torch.equal(out, hf)
+    assert torch.equal(out, generate(m, batch, mask, max_new_tokens=20, do_sample=False, eos_token_id=[],
+                                     use_cache=False))
+
+
+def test_stops_on_end_token_and_counts_only_new_tokens():
+    m = make(DENSE)
+    x = torch.randint(4, 512, (1, 30))
+    free = generate(m, x, max_new_tokens=25, do_sample=False, eos_token_id=[])
+    assert free.shape[1] == 30 + 25  # max_new_tokens counts new tokens, not the prompt
+    new = free[0, 30:].tolist()
+    stop_at = next(i for i in range(3, 25) if new[i] not in new[:i])
+    eos = new[stop_at]
+    out = generate(m, x, max_new_tokens=25, do_sample=False, eos_token_id=eos)
+    assert out[0, 30:].tolist() == new[: stop_at + 1]  # ends with the end token, nothing after it
+    # in a batch, a finished row is padded while the other continues
+    batch = torch.cat([x, torch.randint(4, 512, (1, 30))])
+    out = generate(m, batch, max_new_tokens=25, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    row = out[0, 30:].tolist()
+    assert row[: stop_at + 1] == new[: stop_at + 1]
+    assert set(row[stop_at + 1 :]) <= {0}
+
+
+def test_default_end_token_is_the_config_eos():
+    m = make(DENSE)
+    x = torch.randint(4, 512, (1, 6))
+    with torch.no_grad():
+        m.lm_head.weight[2] += 100.0 * m.model.norm.weight.sign()  # make </s> (id 2) the argmax everywhere
+    out = generate(m, x, max_new_tokens=10, do_sample=False)
+    assert out[0, 6:].tolist() == [2]
+
+
+def test_sampling_controls():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, top_p=1e-6), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+    top5 = logits.topk(5, -1).indices
+    for _ in range(20):
+        s = sample_next(logits, top_k=5)
+        assert (top5 == s[:, None]).any(-1).all()
+    seen = torch.zeros(4, 50, dtype=torch.bool)
+    seen[torch.arange(4), logits.argmax(-1)] = True
+    assert not torch.equal(sample_next(logits, seen, repetition_penalty=1e6, do_sample=False), logits.argmax(-1))
+    m = make(DENSE)
+    x = torch.randint(4, 512, (1, 5))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = generate(m, x, max_new_tokens=15, temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1, generator=g1)
+    b = generate(m, x, max_new_tokens=15, temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1, generator=g2)
+    assert torch.equal(a, b) and a.shape == (1, 20)
+
+
+def test_stream_yields_the_same_tokens_and_cache_bounds():
+    m = make(MOE)
+    x = torch.randint(4, 512, (1, 7))
+    toks = [int(t[0]) for t in stream_generate(m, x, max_new_tokens=12, do_sample=False, eos_token_id=[])]
+    assert toks == generate(m, x, max_new_tokens=12, do_sample=False, eos_token_id=[])[0, 7:].tolist()
+    cache = StaticKVCache(m.config, 1, 4)
+    with pytest.raises(ValueError, match="full"):
+        m(torch.randint(0, 512, (1, 5)), cache=cache)
+    assert m.training is False
+
+
+@pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="fixture tokenizer not available")
+def test_stream_text_with_a_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FIXTURE_TOKENIZER)
+    m = make(dict(DENSE, vocab_size=len(tok)))
+    pieces = list(stream_text(m, tok, "你好", max_new_tokens=20, do_sample=False))
+    ids = generate(m, torch.tensor([tok("你好", add_special_tokens=False)["input_ids"]]), max_new_tokens=20,
+                   do_sample=False, eos_token_id=tok.eos_token_id)
+    new = [i for i in ids[0, len(tok("你好", add_special_tokens=False)["input_ids"]):].tolist() if i != tok.eos_token_id]
+    assert "".join(pieces) == tok.decode(new, skip_special_tokens=True).rstrip("\ufffd")
