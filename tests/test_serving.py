@@ -149,6 +149,20 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_client_disconnect_mid_stream(server, client):
+    with httpx.Client(timeout=60) as h:
+        body = {"model": "x", "messages": [{"role": "user", "content": "写一首长诗"}], "max_tokens": 200,
+                "stream": True}
+        with h.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            first = next(r.iter_lines())
+            assert first.startswith("data: ")
+        # the connection is closed after one event; the server goes on serving
+    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "你好"}], max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_concurrent_requests(client):
     errors, results = [], []
 
