@@ -50,8 +50,10 @@ def batch_encoder(tokenizer):
     return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _init_worker(tokenizer_or_path, bos, eos):
+def _init_worker(tokenizer_or_path, bos, eos, in_pool=False):
     global _TOK, _ENCODE, _SPECIAL
+    if in_pool:  # one process per core already: no Rust thread pool in each (oversubscription, spinning)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if isinstance(tokenizer_or_path, (str, Path)):
         from tokenizer import load_tokenizer
 
@@ -163,7 +165,7 @@ def build_bin(inputs, output, tokenizer=None, *, workers: int = 1, batch_size: i
     with atomic_open(output, "wb", encoding=None) as f:
         # workers are forked: they inherit the loaded tokenizer instead of loading it again
         for blob, n_docs, top, errors in ordered_map(encode_batch, feed(), workers, initializer=_init_worker,
-                                                       initargs=(tok, bos, eos)):
+                                                       initargs=(tok, bos, eos, workers > 1)):
             report.seen += n_docs + len(errors)
             for e in errors:  # in line order within the batch
                 report.error(e)
