@@ -106,11 +106,18 @@ def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8"):
             f = open(tmp, mode, encoding=encoding, newline="\n")
         with f:
             yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def dumps(obj) -> str:
