@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .build_corpus import CORPUS_PATH, read_corpus
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1  # bump when the derivation changes: ensure_embedded() then rebuilds
 SEED = "mateconv-embedded-v1"
 SPLITS = ("train", "validation", "test")
 PREF_SPLITS = ("train", "validation")
