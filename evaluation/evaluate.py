@@ -109,8 +109,12 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
                  "model": model_info(model, max_seq_len)}
     common = dict(max_seq_len=max_seq_len, split=split, max_items=max_items, batch_size=batch_size,
                   n_resamples=n_resamples, seed=seed)
+    timing = {}
+    t = time.time()
     res["pretrain"] = heldout_loss(model, tokenizer, pretrain_file, "pretrain", **common)
+    timing["pretrain_loss_s"], t = round(time.time() - t, 2), time.time()
     res["sft"] = heldout_loss(model, tokenizer, sft_file, "sft", **common)
+    timing["sft_loss_s"], t = round(time.time() - t, 2), time.time()
     res["routing"] = res["pretrain"].get("routing")  # routing statistics on held-out pretraining text
     if do_generation:
         examples = load_heldout_examples(sft_file, split, max_examples=max_examples, seed=seed)
@@ -123,6 +127,7 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
         if generations_out:
             gen["per_example_file"] = str(write_jsonl(records, generations_out))
         res["generation"] = gen
+        timing["generation_s"] = round(time.time() - t, 2)
         if judge and judge.get("base_url") and judge.get("against"):
             from .judge import judge_win_rate
 
@@ -130,6 +135,7 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
                                           judge.get("model", "gpt-4o-mini"), max_examples=judge.get("max_examples"),
                                           seed=seed)
             res["judge"]["against"] = str(judge["against"])
+    res["timing"] = timing
     res["seconds"] = round(time.time() - t0, 2)
     return res
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -179,21 +180,22 @@ def pretrain_items(path, tokenizer, max_seq_len: int, max_items: int | None = No
 
 def sft_items(path, tokenizer, max_seq_len: int, max_items: int | None = None, seed: int = 0,
               exclude: set | None = None) -> list[dict]:
-    """Items of held-out SFT conversations: targets only on assistant answers (``SFTDataset``; a seeded
-    subset of ``max_items``; records in ``exclude`` left out)."""
+    """Items of held-out SFT conversations: targets only on assistant answers (``SFTDataset``, which skips
+    conversations whose answer does not fit); a seeded subset of ``max_items`` records (the same subset as
+    :func:`evaluation.generate_eval.load_heldout_examples` with the same seed); ``exclude`` left out."""
     path = check_heldout_path(path)
     from dataset.datasets import SFTDataset
 
-    if exclude:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            filtered = Path(tmp) / path.name
-            with open(filtered, "w", encoding="utf-8") as f:
-                for r in _heldout_records(path, exclude):
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            return sft_items(filtered, tokenizer, max_seq_len, max_items, seed)
-    ds = SFTDataset(str(path), tokenizer, max_seq_len, on_error="skip", limit=max_items, seed=seed)
+    recs = _heldout_records(path, exclude or set())
+    if max_items is not None and max_items < len(recs):  # subset before tokenizing (large held-out files)
+        keep = np.sort(np.random.default_rng(seed).choice(len(recs), size=max_items, replace=False))
+        recs = [recs[i] for i in keep]
+    with tempfile.TemporaryDirectory() as tmp:
+        subset = Path(tmp) / path.name
+        with open(subset, "w", encoding="utf-8") as f:
+            for r in recs:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        ds = SFTDataset(str(subset), tokenizer, max_seq_len, on_error="skip")
     out = []
     for i in range(len(ds)):
         it = ds[i]

@@ -6,8 +6,9 @@ missing in the report's "Notes", never invented)::
     <run_dir>/
       run.json                                   optional: {"baseline_arm": "dense", "max_seq_len": 256,
                                                  #  "tokens_per_step": {"pretrain": N, "sft": N, "dpo": N}}
-      arms/<arm>/seed<k>/<stage>/metrics.jsonl   trainer logs, stage in pretrain | sft | dpo
-      arms/<arm>/seed<k>/<stage>/config.json     optional (checkpoint config; FLOPs per token when no eval JSON)
+      arms/<arm>/seed<k>/<stage>/metrics.jsonl   trainer logs (trainer: --out_dir arms/<arm>/seed<k> --run_name <stage>;
+                                                 #  a run name like sft_<tag> is read as stage "sft"), stage in pretrain|sft|dpo
+      arms/<arm>/seed<k>/<stage>/**/config.json  optional (checkpoint config; FLOPs per token when no eval JSON)
       eval/<arm>_seed<k>_<stage>.json            python -m evaluation.evaluate output, stage in sft | dpo (| pretrain)
       eval/<arm>_seed<k>_<stage>_generations.jsonl   its per-example generations
 
@@ -125,19 +126,26 @@ def _read_jsonl(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------- discover
 
 
+def _stage_name(dirname: str) -> str | None:
+    """``pretrain`` / ``sft_mateconv-tiny`` ... -> the stage (a trainer run name may carry a model tag)."""
+    head = re.split(r"[_\-.]", dirname, maxsplit=1)[0]
+    return head if head in STAGES else None
+
+
 def discover(run_dir: Path) -> dict:
     """Find arms, seeds, training logs and evaluation files in ``run_dir`` (see module doc)."""
     run_dir = Path(run_dir)
     found = {"logs": {}, "evals": {}, "generations": {}, "configs": {}}
     for p in sorted((run_dir / "arms").glob("*/seed*/*/metrics.jsonl")):
-        stage, seed_dir, arm = p.parent.name, p.parent.parent.name, p.parent.parent.parent.name
+        stage, seed_dir, arm = _stage_name(p.parent.name), p.parent.parent.name, p.parent.parent.parent.name
         m = re.fullmatch(r"seed(\d+)", seed_dir)
-        if m:
+        if m and stage:
             found["logs"][(arm, int(m.group(1)), stage)] = p
-    for p in sorted((run_dir / "arms").glob("*/seed*/*/config.json")):
-        m = re.fullmatch(r"seed(\d+)", p.parent.parent.name)
-        if m:
-            found["configs"][(p.parent.parent.parent.name, int(m.group(1)), p.parent.name)] = p
+    for p in sorted((run_dir / "arms").glob("*/seed*/*/**/config.json")):
+        rel = p.relative_to(run_dir / "arms").parts
+        m = re.fullmatch(r"seed(\d+)", rel[1])
+        if m and _stage_name(rel[2]):
+            found["configs"].setdefault((rel[0], int(m.group(1)), _stage_name(rel[2])), p)
     for p in sorted((run_dir / "eval").glob("*_seed*_*.json")):
         m = re.fullmatch(r"(.+)_seed(\d+)_([a-z]+)", p.stem)
         if m:
@@ -485,6 +493,32 @@ class Report:
             self._save(fig, f"expert_load_{r['arm']}_{r['stage']}.png",
                        f"Per-layer expert load of {r['arm']} ({r['stage']}) on held-out pretraining text.")
 
+    def fig_training_load(self):
+        """Training-time expert load from the trainer's ``moe/layer{i}/expert{e}_load`` fields (per logged window)."""
+        import matplotlib.pyplot as plt
+
+        pat = re.compile(r"moe/layer(\d+)/expert(\d+)_load$")
+        for (arm, seed, stage), rows in sorted(self.logs.items()):
+            keyed = [(r["step"], {tuple(map(int, pat.match(k).groups())): v for k, v in r.items() if pat.match(k)})
+                     for r in rows if "step" in r]
+            keyed = [(st, d) for st, d in keyed if d]
+            if not keyed:
+                continue
+            L = 1 + max(layer for _, d in keyed for layer, _ in d)
+            E = 1 + max(e for _, d in keyed for _, e in d)
+            fig, axes = plt.subplots(L, 1, figsize=(max(6, 0.25 * len(keyed) + 3), 1.8 * L + 1), squeeze=False)
+            for layer in range(L):
+                ax = axes[layer][0]
+                grid = np.array([[d.get((layer, e), np.nan) for _, d in keyed] for e in range(E)])
+                im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(np.nanmax(grid), 2.0 / E),
+                               extent=(keyed[0][0], keyed[-1][0], E - 0.5, -0.5) if len(keyed) > 1 else None)
+                ax.set_ylabel(f"layer {layer}\nexpert")
+                fig.colorbar(im, ax=ax, label="load fraction")
+            axes[-1][0].set_xlabel("optimizer step" if len(keyed) > 1 else "log window")
+            axes[0][0].set_title(f"{arm} seed{seed} {stage}: training-time expert load per layer (uniform = {1.0 / E:.3f})")
+            self._save(fig, f"expert_load_training_{arm}_seed{seed}_{stage}.png",
+                       f"Expert load of {arm} seed {seed} during {stage} training, per layer and logged window.")
+
     def fig_dpo(self, forgetting: list[dict]):
         import matplotlib.pyplot as plt
 
@@ -575,6 +609,7 @@ class Report:
             self.notes.append("no evaluation files in eval/: the metric table is empty.")
         self.fig_loss_curves()
         self.fig_expert_load(routing)
+        self.fig_training_load()
         self.fig_dpo(forg)
         self.fig_comparisons(comps)
         eval_meta = {f"{a}_seed{s}_{st}": {
