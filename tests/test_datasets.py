@@ -202,3 +202,20 @@ def test_workers_give_identical_samples(tmp_path, tok):
     b = SFTDataset(path, tok, 32, workers=2)
     assert a.lines == b.lines == list(range(1, 41))
     assert all(torch.equal(a[i]["targets"], b[i]["targets"]) for i in range(len(a)))
+
+
+def test_default_tokenizer_sft_and_padding(tmp_path):
+    from tokenizer import DEFAULT_TOKENIZER_DIR
+
+    if not DEFAULT_TOKENIZER_DIR.is_dir():
+        pytest.skip("default tokenizer not built yet")
+    tok = load_tokenizer(None)
+    first = conv("床前明月光的下一句？", "疑是地上霜。", system="你是诗人")
+    ds = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [first, conv("你好", "你好！")]), tok, 128)
+    assert answer_text(tok, ds[0]) == "疑是地上霜。</s>"
+    rendered = tok.apply_chat_template(first["conversations"], tokenize=False)
+    assert rendered.startswith("<s>system\n你是诗人</s>\n")
+    assert tok.decode(ds[0]["input_ids"].tolist()) == rendered.removesuffix("\n")  # inputs drop the last token
+    batch = pad_collate(pad_token_id(tok))([ds[0], ds[1]])
+    assert pad_token_id(tok) == 3
+    assert (batch["input_ids"][1][batch["attention_mask"][1] == 0] == 3).all()
