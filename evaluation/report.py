@@ -93,6 +93,8 @@ METRICS = [
      lambda e: _ci(_get(e, "generation", "summary", "task_accuracy", "all_exact_tasks", "answer_in_prediction"))),
     ("exact_match", "exact-answer tasks: output equals the answer (normalised; strict)",
      lambda e: _ci(_get(e, "generation", "summary", "task_accuracy", "all_exact_tasks", "exact_match"))),
+    ("judge_win_rate", "LLM-judge win rate against the arm named in the eval file (optional)",
+     lambda e: (_get(e, "judge", "win_rate"), _get(e, "judge", "ci_low"), _get(e, "judge", "ci_high"))),
     ("stop_rate", "share of generations that ended with the end token",
      lambda e: (_get(e, "generation", "summary", "stop_rate"), None, None)),
     ("router_max_violation", "MoE max-violation (max/mean load - 1), mean over layers",
@@ -618,7 +620,13 @@ class Report:
             "sft_file": _get(e, "sft", "data_file"), "sft_items": _get(e, "sft", "n_items"),
             "generation_file": _get(e, "generation", "data_file"), "n_examples": _get(e, "generation", "n_examples"),
             "checkpoint": e.get("checkpoint")} for (a, s, st), e in sorted(self.evals.items())}
-        return {"run_dir": str(self.run_dir), "arms": self._info, "baseline_arm": baseline,
+        samples = {}
+        for (a, s, st), e in sorted(self.evals.items()):
+            if s == min(self.found["seeds"][a]) and _get(e, "generation", "samples"):
+                samples[f"{a}_seed{s}_{st}"] = [{k: x.get(k) for k in ("id", "task", "prompt", "reference", "prediction",
+                                                                       "stopped_on_eos", "n_new_tokens")}
+                                                for x in e["generation"]["samples"][:3]]
+        return {"run_dir": str(self.run_dir), "arms": self._info, "baseline_arm": baseline, "samples": samples,
                 "training_seeds": self.found["seeds"], "evaluations": eval_meta,
                 "report_bootstrap": {"n_resamples": self.n_resamples, "seed": self.seed},
                 "table": table, "comparisons": comps, "forgetting": forg, "routing": routing,
@@ -771,7 +779,19 @@ def render_markdown(rep: dict) -> str:
         vals = ", ".join(f"{k[len('final_'):]} {fmt(v)}" for k, v in t.items() if k.startswith("final_") and "/" in k)
         L.append(f"| {t['arm']} | {t['seed']} | {t['stage']} | {t['final_step']} | {fmt(t['final_train_loss'])} | "
                  f"{vals or 'n/a'} |")
+    L += ["", "## Generation samples (held-out prompts, greedy)", ""]
+    for name, smp in rep.get("samples", {}).items():
+        L.append(f"**{name}**")
+        L.append("")
+        for x in smp:
+            q = x["prompt"].replace("\n", " ⏎ ")[:200]
+            L += [f"- `{x['id']}` ({x['task']}), stopped on end token: {x['stopped_on_eos']}, new tokens: {x['n_new_tokens']}",
+                  f"  - prompt: {q}", f"  - reference: {x['reference'][:200]}", f"  - output: {x['prediction'][:200]}"]
+        L.append("")
     L += ["", "## Figures", ""]
+    if rep.get("flops_token_sources"):
+        L += ["Tokens for the FLOPs axis: " + "; ".join(f"{k}: {v}" for k, v in sorted(rep["flops_token_sources"].items()))
+              + ".", ""]
     for f in rep["figures"]:
         L += [f"![{f['caption']}]({f['file']})", "", f"*{f['caption']}*", ""]
     L += ["## Notes", ""]
