@@ -365,3 +365,27 @@ def test_report_tolerates_missing_files(tmp_path):
     assert rep["table"] == [] and any("no evaluation files" in n for n in rep["notes"])
     assert "no DPO" in md or "no dpo" in md
     assert (tmp_path / "figures" / "loss_by_step.png").is_file()
+
+
+def test_single_seed_report_uses_bootstrap_intervals(tiny_run, tmp_path):
+    import shutil
+
+    run_dir, _ = tiny_run
+    one = tmp_path / "one"
+    shutil.copytree(run_dir, one, ignore=shutil.ignore_patterns("seed1", "*_seed1_*", "figures", "report.*"))
+    rep = report_mod.write_report(one, n_resamples=300, seed=0)
+    assert rep["training_seeds"] == {"dense": [0], "moe": [0]}
+    md = (one / "report.md").read_text(encoding="utf-8")
+    ev = _eval(one, "moe", 0, "sft")
+    row = next(r for r in rep["table"] if (r["arm"], r["stage"], r["metric"]) == ("moe", "sft", "sft_loss"))
+    assert (row["mean"], row["ci_low"], row["ci_high"]) == (ev["sft"]["loss"], ev["sft"]["loss_ci_low"],
+                                                            ev["sft"]["loss_ci_high"])
+    assert row["std"] == 0.0 and row["ci_kind"] == "bootstrap over examples"
+    line = next(x for x in md.splitlines() if x.startswith("| moe | sft | sft_loss |"))
+    assert f"| {report_mod.fmt(ev['sft']['loss'])} | [{report_mod.fmt(ev['sft']['loss_ci_low'])}, " \
+           f"{report_mod.fmt(ev['sft']['loss_ci_high'])}] | 0 |" in line
+    c = next(c for c in rep["comparisons"] if (c["stage"], c["metric"]) == ("sft", "sft_loss"))
+    a, b = _eval(one, "moe", 0, "sft")["sft"], _eval(one, "dense", 0, "sft")["sft"]
+    r = paired_ratio_bootstrap(a["item_nll_sum"], b["item_nll_sum"], a["item_tokens"], 300, 0)
+    assert (c["per_seed"]["0"]["ci_low"], c["per_seed"]["0"]["ci_high"]) == pytest.approx((r["ci_low"], r["ci_high"]))
+    assert "paired bootstrap 95% CI, 1 seed" in md.split("## Summary")[1].split("## Setup")[0]
