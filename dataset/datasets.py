@@ -401,6 +401,11 @@ class _ChatDataset(Dataset):
         return DataError(f"sample longer than the context ({self.max_seq_len} tokens): no {what}answer token "
                          "left after truncation", file=self.path, line=line, reason="too_long")
 
+    def __getstate__(self):  # picklable for spawn-started DataLoader workers: samples only
+        state = dict(self.__dict__)
+        state["encoder"] = None
+        return state
+
     def __len__(self) -> int:
         return len(self.lines)
 

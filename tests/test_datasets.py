@@ -195,6 +195,13 @@ def test_any_chat_template_masks_exactly_the_answers():
     assert not mask[:n].any() and mask[n]  # the generation prompt is tokenized as at inference
 
 
+def test_chat_datasets_pickle_for_spawned_workers(tmp_path, tok):
+    ds = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [conv("问", "答")]), tok, 32)
+    assert torch.equal(pickle.loads(pickle.dumps(ds))[0]["targets"], ds[0]["targets"])
+    pairs = PreferenceDataset(DATA / "original_pairs.jsonl", tok, 64)
+    assert torch.equal(pickle.loads(pickle.dumps(pairs))[1]["rejected_targets"], pairs[1]["rejected_targets"])
+
+
 def test_workers_give_identical_samples(tmp_path, tok):
     rows = [conv(f"第{i}个问题", "回答" * (i % 7 + 1)) for i in range(40)]
     path = write_jsonl(tmp_path / "sft.jsonl", rows)
