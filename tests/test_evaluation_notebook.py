@@ -12,7 +12,6 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "6.inference&evaluate.ipynb"
-FIXTURE_TOK = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
 
 POEMS = {
     "train": [("静夜思", "李白", "床前明月光，疑是地上霜。举头望明月，低头思故乡。"),
@@ -48,12 +47,13 @@ def _set_parameters(nb, **params):
 @pytest.mark.slow
 def test_notebook_executes_on_heldout_data(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    _set_parameters(nb, DATA_DIR=str(_data(tmp_path / "data")), TOKENIZER=str(FIXTURE_TOK), MAX_EXAMPLES=4,
+    _set_parameters(nb, DATA_DIR=str(_data(tmp_path / "data")), MAX_EXAMPLES=4,
                     MAX_ITEMS=4, MAX_NEW_TOKENS=8, N_SAMPLES=2, DEMO_STEPS=5)
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    assert "tokenizer/mateconv" in text.split("\n")[0] or "mateconv" in text  # the shipped default tokenizer
     assert "stopped_on_eos=" in text and "prediction:" in text
     assert "pretrain loss" in text and "sft      loss" in text and "rouge_l_char" in text
     assert "sft_validation.jsonl" in text and "sft_train" not in text.split("demo model:")[1]
