@@ -8,7 +8,8 @@ Usage::
 Pipeline (deterministic, see ``dataset/corpus/README.md``):
 
 1. read the collections listed in ``COLLECTIONS`` (in that order; earlier ones win on duplicates);
-2. convert to Simplified Chinese with OpenCC ``t2s``;
+2. convert to Simplified Chinese with OpenCC ``t2s``, then map ~40 frequent variant characters
+   (``VARIANTS``: 劒 -> 剑, 鴈 -> 雁, ...) to their standard forms;
 3. clean every line: drop editorial parentheses ``（一作……）``, unwrap ``[字]`` corrections, replace
    ``{上休下鳥}`` component descriptions of unencodable characters by ``□``, turn half-width punctuation
    inside Chinese text into full-width (keeping ``，。？！；：「」“”``), drop empty lines;
@@ -65,6 +66,13 @@ _EDITORIAL_RE = re.compile(r"^[（(」』]|〖|[）)]$|^注|^按|原卷|录出|�
                            r"卷[上下一二三四五六七八九十]|以上[一二三四五六七八九十]")
 
 
+# Common variant characters (异体字) that OpenCC t2s leaves alone -> their standard Simplified form
+# (after 《第一批异体字整理表》); only unambiguous one-to-one cases, the most frequent in the corpus.
+VARIANTS = str.maketrans(
+    "疎劒鴈猨慙簷鬬徧櫂媿斾嬾蘂堦敧褭臯髪覩廻煖飜歛隠暎桮妬隣檝鼇竝僊呌牋罇巵逈繖燄劔鞾",
+    "疏剑雁猿惭檐斗遍棹愧旆懒蕊阶欹袅皋发睹回暖翻敛隐映杯妒邻楫鳌并仙叫笺樽卮迥伞焰剑靴",
+)
+
 # --------------------------------------------------------------------------------------------- cleaning
 class Cleaner:
     """Traditional -> Simplified conversion plus line cleaning."""
@@ -75,7 +83,7 @@ class Cleaner:
         self._cc = opencc.OpenCC("t2s")
 
     def t2s(self, text: str) -> str:
-        return self._cc.convert(text) if text else text
+        return self._cc.convert(text).translate(VARIANTS) if text else text
 
     @staticmethod
     def deparen(text: str) -> str:
