@@ -40,10 +40,11 @@ checkpoint and the reference is still the ``--init_from`` SFT model (recorded in
 Defaults: ``--beta 0.2``, ``--kl_coef 0.05``, ``--batch_size 16``, ``--grad_clip 1.0`` (the original's),
 ``--learning_rate 1e-5`` (typical for DPO: the policy must stay near the reference; the original README
 run used 1e-4 with its reference-free loss), ``--warmup_ratio 0.06``. On CPU (demo): batch 8, context
-256, lr 1e-4. The MoE balance loss and the router-bias updates are applied by the trainer as in the
+256, lr 1e-4, 40 optimizer steps, evaluation every 20. The MoE balance loss and the router-bias updates are applied by the trainer as in the
 other stages (one policy forward per micro-batch, chosen and rejected answers in one [2B, T] batch).
 
-- live reference (default): a frozen copy of the SFT model runs next to the policy on every batch.
+- live reference (default): a frozen copy of the SFT model runs next to the policy on every training
+  batch. The held-out pairs' reference values are always computed once at the start (they are fixed).
 - ``--precompute_ref``: before training, the reference log-probabilities of every train and eval pair
   are computed once (one pass, no gradients; every process computes them all) and the reference
   model is freed. The KL term needs the
@@ -488,7 +489,7 @@ class DPOTask(Task):
     # the original 9.train_dpo.py defaults: batch 16, beta 0.2, kl 0.05, grad_clip 1.0
     defaults = {"batch_size": 16, "learning_rate": 1e-5, "accumulation_steps": 1, "epochs": 1,
                 "out_dir": "out_dpo", "grad_clip": 1.0, "warmup_ratio": 0.06, "eval_interval": 100, "log_interval": 10}
-    cpu_defaults = {"batch_size": 8, "max_seq_len": 256, "learning_rate": 1e-4, "num_workers": 0,
+    cpu_defaults = {"batch_size": 8, "max_seq_len": 256, "learning_rate": 1e-4, "max_steps": 40, "num_workers": 0,
                     "log_interval": 5, "save_interval": 100, "eval_interval": 20, "eval_batches": 0}
 
     def __init__(self):
@@ -528,8 +529,9 @@ class DPOTask(Task):
                             "[data/pretrain/pretrain_validation.bin, else data/embedded/pretrain_validation.jsonl]")
         g.add_argument("--probe_sft_path", default=None,
                        help="held-out SFT conversations for the forgetting probe [data/embedded/sft_validation.jsonl]")
-        g.add_argument("--probe_samples", type=int, default=64,
-                       help="sequences per probe set (pretraining windows / SFT conversations; 0: no probe)")
+        g.add_argument("--probe_samples", type=int, default=None,
+                       help="sequences per probe set (pretraining windows / SFT conversations; 0: no probe) "
+                            "[256; CPU: 32]")
 
     # ---------------------------------------------------------------- data
     def _resolve_args(self, args):
@@ -542,6 +544,9 @@ class DPOTask(Task):
             args.probe_sft_path = "data/embedded/sft_validation.jsonl"
         if args.pairs_path is None:
             args.pairs_path = args.data_path or "./dataset/dpo_pairs.jsonl"
+        if args.probe_samples is None:
+            on_cpu = args.device == "cpu" or not torch.cuda.is_available()
+            args.probe_samples = 32 if on_cpu else 256
         if args.kl_topk < 0:
             raise ValueError("--kl_topk must be >= 0")
 
@@ -644,25 +649,26 @@ class DPOTask(Task):
 
         a = trainer.args
         ref = self.load_reference(trainer)
+        # the held-out pairs are fixed: their reference values are always computed once; the training
+        # pairs only with --precompute_ref (else the reference runs live beside the policy)
+        t0 = time.time()
+        bs = a.ref_batch_size or a.batch_size
+        datasets = {ds.store_id: ds for ds in trainer.eval_datasets.values() if isinstance(ds, IndexedPairs)}
         if a.precompute_ref:
-            t0 = time.time()
-            bs = a.ref_batch_size or a.batch_size
-            datasets = {TRAIN_STORE: trainer.train_dataset}
-            datasets.update({ds.store_id: ds for ds in trainer.eval_datasets.values() if isinstance(ds, IndexedPairs)})
-            for sid, ds in datasets.items():
-                self.stores[sid] = precompute_reference(ref, ds, trainer.collate, batch_size=bs, device=trainer.device,
-                                                        topk=a.kl_topk, autocast=trainer.autocast)
-            keep = a.kl_coef > 0 and a.kl_topk == 0
+            datasets[TRAIN_STORE] = trainer.train_dataset
+        for sid, ds in datasets.items():
+            self.stores[sid] = precompute_reference(ref, ds, trainer.collate, batch_size=bs, device=trainer.device,
+                                                    topk=a.kl_topk, autocast=trainer.autocast)
+        keep = not a.precompute_ref or (a.kl_coef > 0 and a.kl_topk == 0)
+        if datasets:
             trainer.log(f"dpo: reference log-probabilities of {sum(len(d) for d in datasets.values())} pairs "
-                        f"precomputed in {time.time() - t0:.1f}s"
-                        + (f" (+ top-{a.kl_topk} reference distribution per chosen token)" if a.kl_topk else "")
-                        + ("; reference model kept for the exact KL (--kl_topk K frees it)" if keep
-                           else "; reference model freed"))
-            self.ref_model = ref if keep else None
-            if not keep:
-                del ref
-        else:
-            self.ref_model = ref
+                        f"({'train + ' if a.precompute_ref else ''}held-out) precomputed in {time.time() - t0:.1f}s"
+                        + (f" (+ top-{a.kl_topk} reference distribution per chosen token)" if a.kl_topk else ""))
+        if a.precompute_ref:
+            trainer.log("dpo: reference model " + ("kept for the exact KL (--kl_topk K frees it)" if keep
+                                                   else "freed"))
+        self.ref_model = ref if keep else None
+        del ref
         trainer.log(f"dpo: beta {a.beta}, kl_coef {a.kl_coef} (KL(policy||reference) on chosen answers, "
                     f"{'exact' if a.kl_topk == 0 else f'top-{a.kl_topk} coarse-grained'}), sft_coef {a.sft_coef}, "
                     f"length_norm {a.length_norm}, reference {'precomputed' if a.precompute_ref else 'live'} "
