@@ -141,18 +141,41 @@ def test_torchrun_matches_one_process(ref_plain, ref_torchrun):
     assert st["world_size"] == 2 and st["step"] == STEPS and not st["deepspeed"]
 
 
-def test_deepspeed_zero2_matches_one_process(data, ref_plain, tmp_path):
-    p = _run(_cmd("deepspeed") + _args(data, tmp_path, 2, "--deepspeed", "ds_config.json"))
-    assert "DeepSpeed ZeRO-2" in p.stdout
-    a, b = _losses(ref_plain), _losses(tmp_path / RUN)
-    assert len(b) == STEPS
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
-    ck = tmp_path / RUN / "checkpoints" / "step_0000016"
+def test_deepspeed_zero2_matches_one_process_across_the_original_stop_command(data, ref_plain, tmp_path):
+    """deepspeed, 2 processes, ZeRO-2; stopped the origin document's way (``kill -2 <runner PID>``), resumed."""
+    cmd = _cmd("deepspeed") + _args(data, tmp_path, 2, "--deepspeed", "ds_config.json")
+    log = tmp_path / "first.log"
+    proc = _start(cmd, log)
+    run_dir = tmp_path / RUN
+    _wait_for(lambda: len(_train_records(run_dir)) >= 2, proc, timeout=600, what="step 2")
+    pgid = os.getpgid(proc.pid)
+    assert pgid == proc.pid  # the runner leads its group: `kill -2 $(ps -o pgid= -p PID)` signals it alone
+    os.kill(pgid, signal.SIGINT)
+    proc.wait(timeout=60)
+    t0 = time.time()
+    while time.time() - t0 < 120:  # the workers save and exit on their own
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(pgid, signal.SIGKILL)
+        raise AssertionError("workers still running 120 s after the launcher was stopped")
+    text = log.read_text()
+    assert "DeepSpeed ZeRO-2" in text and "stopped by signal at step" in text, text[-3000:]
+    stop = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= stop < STEPS
+    ck = run_dir / "checkpoints" / f"step_{stop:07d}"
     assert (ck / "deepspeed" / "state").is_dir() and (ck / "model.safetensors").is_file()
-    # the HF directory loads with model/ and with transformers
     from model import MateConvForCausalLM
 
-    MateConvForCausalLM.from_pretrained(str(ck))
+    MateConvForCausalLM.from_pretrained(str(ck))  # the HF directory loads with model/
+    _run(cmd + ["--resume"])
+    a, b = _losses(ref_plain), _losses(run_dir)
+    assert len(b) == STEPS
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    assert [r["lr"] for r in _train_records(ref_plain)] == [r["lr"] for r in _train_records(run_dir)]
 
 
 def _start(cmd: list[str], log: Path, **env) -> subprocess.Popen:

@@ -42,6 +42,12 @@ class StopSignal:
             signal.signal(s, h)
         self._old = {}
 
+    def request(self, reason: str) -> None:
+        """Ask for a graceful stop without a signal (e.g. the launcher went away)."""
+        if self.first_at is None:
+            self.first_at, self.signum = time.monotonic(), None
+            self.log(f"[stop] {reason}: stopping at the next step boundary, saving a checkpoint")
+
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         now = time.monotonic()
@@ -63,3 +69,40 @@ def ignore_in_worker(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: workers ignore the stop signals (the main process handles them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _ppid_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class LauncherWatch:
+    """Stop when the ``deepspeed`` command that started this worker exits.
+
+    The origin document stops training with ``kill -2 $(ps -o pgid= -p PID)``: without a minus sign that
+    signals only the process whose PID is the group id, i.e. the ``deepspeed`` runner. The runner then
+    exits (single node: it does not forward the signal) while ``deepspeed.launcher.launch`` and the
+    workers go on. Each worker therefore watches its launcher's parent: when the runner is gone (the
+    launcher is re-parented), the trainer stops as for a signal. Linux only (``/proc``); inactive
+    elsewhere and for other launchers.
+    """
+
+    def __init__(self, launcher: str):
+        self.parent = os.getppid() if launcher == "deepspeed" else None
+        self.grandparent = _ppid_of(self.parent) if self.parent else None
+        if self.grandparent is not None:
+            try:
+                with open(f"/proc/{self.grandparent}/cmdline", "rb") as f:
+                    if b"deepspeed" not in f.read():
+                        self.grandparent = None
+            except OSError:
+                self.grandparent = None
+
+    def gone(self) -> bool:
+        if self.grandparent is None:
+            return False
+        now = _ppid_of(self.parent)
+        return now is not None and now != self.grandparent

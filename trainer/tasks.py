@@ -155,7 +155,7 @@ class PretrainTask(LMTask):
 
     name = "pretrain"
     defaults = {"learning_rate": 2e-4, "accumulation_steps": 8, "epochs": 1}
-    cpu_defaults = {"batch_size": 16, "accumulation_steps": 1, "max_seq_len": 128, "max_steps": 300,
+    cpu_defaults = {"batch_size": 16, "accumulation_steps": 1, "max_seq_len": 128, "max_steps": 200,
                     "learning_rate": 1e-3, "warmup_ratio": 0.05, "num_workers": 0, "log_interval": 20,
                     "save_interval": 100, "eval_interval": 100, "eval_batches": 10}
     pass_attention_mask = False  # full windows: no padding, the causal mask is enough
@@ -189,7 +189,7 @@ class SFTTask(LMTask):
 
     name = "sft"
     defaults = {"learning_rate": 2e-5, "accumulation_steps": 1, "epochs": 1}
-    cpu_defaults = {"batch_size": 16, "max_seq_len": 256, "max_steps": 200, "learning_rate": 3e-4,
+    cpu_defaults = {"batch_size": 16, "max_seq_len": 192, "max_steps": 100, "learning_rate": 3e-4,
                     "warmup_ratio": 0.05, "num_workers": 0, "log_interval": 20, "save_interval": 100,
                     "eval_interval": 50, "eval_batches": 10}
     #: ``--init_from`` default: the latest checkpoint of ``<out_dir>/pretrain_<model tag>``

@@ -43,7 +43,7 @@ from . import distributed as dist_utils
 from .args import fill_defaults, parse_args, public_args
 from .logging import RunLogger, fmt_duration
 from .schedule import lr_at, warmup_steps
-from .signals import StopSignal, ignore_in_worker
+from .signals import LauncherWatch, StopSignal, ignore_in_worker
 
 MOE_TWINS = {"mateconv-0.02b": "mateconv-moe-0.1b", "mateconv-tiny": "mateconv-moe-tiny"}
 _CONFIG_IGNORE = {"torch_dtype", "dtype", "transformers_version", "architectures", "auto_map", "_name_or_path",
@@ -672,6 +672,7 @@ class Trainer:
         steps_at_start = self.step
         exit_code = 0
         last_saved = self.step if self.resume_from is not None else -1
+        watch = LauncherWatch(d.launcher)
         while self.step < self.total_steps:
             lr = lr_at(self.step, self.total_steps, a.learning_rate, self.warmup, a.min_lr_ratio)
             self._set_lr(lr)
@@ -717,6 +718,8 @@ class Trainer:
                     win_metrics[k] = win_metrics[k] + v if k in win_metrics else v.clone()
             # agree on stop / non-finite loss (one small collective per step)
             finite = bool(torch.isfinite(step_loss).item())
+            if not stopper.requested and watch.gone():
+                stopper.request("the deepspeed launcher exited (signal to its PID only)")
             flags = dist_utils.all_reduce_max(torch.tensor([float(stopper.requested), float(not finite)]))
             if flags[1] > 0:
                 self.log(f"non-finite loss at step {self.step + 1} (rank-local sum {float(step_loss)}): stopping "
