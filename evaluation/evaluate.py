@@ -35,16 +35,9 @@ SCHEMA_VERSION = 1
 
 def resolve(path) -> Path:
     """A checkpoint dir, or a trainer run dir / its ``checkpoints/`` (-> the latest complete checkpoint)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    try:
-        from trainer.checkpoint import resolve_checkpoint
+    from serving.engine import resolve_model_dir
 
-        found = resolve_checkpoint(path)
-    except (ImportError, OSError, ValueError):
-        found = None
-    return Path(found) if found is not None else path
+    return resolve_model_dir(path)
 
 
 def load_checkpoint(path, device: str = "cpu"):

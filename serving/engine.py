@@ -28,9 +28,20 @@ VALID_ROLES = ("system", "developer", "user", "assistant")
 # loading
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None):
-    """Load a checkpoint directory: a MateConv checkpoint, or any Hugging Face causal LM."""
+def resolve_model_dir(path: str | Path) -> Path:
+    """A checkpoint directory as given, or a trainer run directory -> its latest complete checkpoint."""
     path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    from trainer.checkpoint import resolve_checkpoint
+
+    found = resolve_checkpoint(path)
+    return Path(found) if found is not None else path
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None):
+    """Load a checkpoint directory (or a trainer run directory): a MateConv checkpoint, or any HF causal LM."""
+    path = resolve_model_dir(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
@@ -262,9 +273,11 @@ class Engine:
     @classmethod
     def from_dir(cls, model_dir, tokenizer_path=None, model_name: str | None = None, device: str = "cpu",
                  dtype=None, max_context: int | None = None) -> Engine:
+        name = model_name or Path(model_dir).resolve().name
+        model_dir = resolve_model_dir(model_dir)
         model = load_model(model_dir, device=device, dtype=dtype)
         tok = load_tokenizer_for(model_dir, tokenizer_path)
-        return cls(model, tok, model_name or Path(model_dir).resolve().name, max_context)
+        return cls(model, tok, name, max_context)
 
     # -- prompts -----------------------------------------------------------------------------
 
