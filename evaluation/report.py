@@ -568,27 +568,34 @@ class Report:
     def fig_comparisons(self, comps: list[dict]):
         import matplotlib.pyplot as plt
 
-        rows = [c for c in comps if c["metric"] in GEN_METRICS or c["metric"].endswith("_loss")]
-        if not rows:
+        groups = [("held-out loss (nats/token): lower is better", [c for c in comps if c["metric"].endswith("_loss")], "C3"),
+                  ("generation metrics: higher is better", [c for c in comps if c["metric"] in GEN_METRICS
+                                                            or c["metric"] == "answer_in_prediction"], "C0")]
+        groups = [g for g in groups if g[1]]
+        if not groups:
             return
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
-        labels, y = [], np.arange(len(rows))
-        for i, c in enumerate(rows):
-            s = c["across_seeds"]
-            if s["n_seeds"] == 1:
-                d = next(iter(c["per_seed"].values()))
-                mean, lo, hi = d["diff"], d["ci_low"], d["ci_high"]
-            else:
-                mean, lo, hi = s["mean"], s["ci_low"], s["ci_high"]
-            ax.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color="C0" if c["metric"] in GEN_METRICS
-                        else "C3", capsize=3)
-            labels.append(f"{c['arm']} - {c['baseline']} | {c['stage']} | {c['metric']}")
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(y)
-        ax.set_yticklabels(labels, fontsize=7)
-        ax.set_xlabel("difference (arm - baseline), 95% CI; losses: lower is better, F1/ROUGE: higher is better")
-        ax.set_title("Held-out differences between arms (paired bootstrap / across seeds)")
-        ax.grid(alpha=0.3, axis="x")
+        heights = [len(g[1]) + 2 for g in groups]
+        fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.35 * sum(heights) + 1.5), squeeze=False, layout="constrained",
+                                 gridspec_kw={"height_ratios": heights})
+        for ax, (title, rows, color) in zip(axes[:, 0], groups):
+            labels = []
+            for i, c in enumerate(rows):
+                s = c["across_seeds"]
+                if s["n_seeds"] == 1:
+                    d = next(iter(c["per_seed"].values()))
+                    mean, lo, hi = d["diff"], d["ci_low"], d["ci_high"]
+                else:
+                    mean, lo, hi = s["mean"], s["ci_low"], s["ci_high"]
+                ax.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=3)
+                labels.append(f"{c['arm']} - {c['baseline']} | {c['stage']} | {c['metric']}")
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_yticks(range(len(rows)))
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.set_xlabel("difference (arm - baseline) with 95% CI")
+            ax.set_title(title)
+            ax.grid(alpha=0.3, axis="x")
+        fig.suptitle("Held-out differences between arms on the same examples "
+                     "(1 seed: paired bootstrap; several seeds: t CI over seeds)")
         self._save(fig, "arm_differences.png", "Differences between arms on the same held-out examples with 95% CIs.")
 
     # ---- build
