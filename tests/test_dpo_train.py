@@ -101,6 +101,8 @@ def test_dpo_raises_heldout_reward_accuracy_and_reports_probe(setup):
               "moe/balance_loss"):
         assert k in train[-1]
     assert train[-1]["kl"] > 0
+    log = (out / "dpo" / "train.log").read_text()
+    assert "reference model freed" in log  # --precompute_ref with --kl_topk: the KL needs no reference model
 
 
 def test_missing_sft_checkpoint_is_an_error(setup, monkeypatch):
