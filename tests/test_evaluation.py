@@ -303,3 +303,18 @@ def test_heldout_examples_subset_and_paired_compare(tmp_path):
     assert paired_compare(a, b, "m", n_resamples=100)["diff"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="same examples"):
         paired_compare(a, [{"id": "3", "m": 0.0}], "m")
+
+
+def test_heldout_loss_on_a_packed_bin(tmp_path, tok):
+    """A held-out ``.bin`` (stage 3 output) is read as the contract's windows; a train-named .bin is refused."""
+    from dataset.build_bin import build_bin
+
+    src = _write(tmp_path / "pretrain_validation.jsonl",
+                 [{"text": "床前明月光，疑是地上霜。举头望明月，低头思故乡。"}, {"text": "春眠不觉晓，处处闻啼鸟。"}])
+    out = tmp_path / "pretrain_validation.bin"
+    side = build_bin([src], out, tok, progress=False, log=lambda *a, **k: None)
+    res = heldout_loss(_model(), tok, out, "pretrain", max_seq_len=8, split="validation", n_resamples=50)
+    assert res["n_items"] == (side["num_tokens"] - 1) // 8 and res["n_tokens"] == res["n_items"] * 8
+    assert res["train_overlap_check"]["checked"] is False  # no JSONL records to compare for a .bin
+    with pytest.raises(TrainingDataError):
+        heldout_loss(_model(), tok, tmp_path / "pretrain_train.bin", "pretrain", 8)
