@@ -134,6 +134,61 @@ class MateConvMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class _GroupedSwiGLU(torch.autograd.Function):
+    """All routed experts on expert-sorted rows: one matmul pair per expert, hand-written backward.
+
+    Rows ``xs`` [S, H] are grouped by expert (``counts[e]`` rows each). The backward writes each expert's
+    weight gradient straight into one [E, ...] buffer (autograd on per-expert weight views would allocate and
+    stack/zero-fill full-size gradients for every expert), and reuses the saved pre-activations.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, w_gate_up, w_down, counts, dtype):
+        wg, wd = w_gate_up.to(dtype), w_down.to(dtype)
+        xs = xs.to(dtype)
+        inter = w_down.shape[2]
+        h = xs.new_empty(xs.shape[0], 2 * inter)  # gate | up pre-activations
+        out = xs.new_empty(xs.shape[0], w_down.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.mm(xs[rows], wg[e].t(), out=h[rows])
+                torch.mm(F.silu(h[rows, :inter]) * h[rows, inter:], wd[e].t(), out=out[rows])
+                start += n
+        ctx.save_for_backward(xs, wg, wd, h)
+        ctx.counts = counts
+        ctx.weight_dtype = w_gate_up.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xs, wg, wd, h = ctx.saved_tensors
+        inter = wd.shape[2]
+        dout = dout.to(xs.dtype)
+        dxs = torch.empty_like(xs)
+        dwg = torch.empty(wg.shape, dtype=ctx.weight_dtype, device=xs.device)
+        dwd = torch.empty(wd.shape, dtype=ctx.weight_dtype, device=xs.device)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                dwg[e].zero_()
+                dwd[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            start += n
+            g, u = h[rows, :inter], h[rows, inter:]
+            sg = torch.sigmoid(g)
+            act = g * sg
+            do = dout[rows]
+            dwd[e].copy_(do.t() @ (act * u))
+            da = do @ wd[e]
+            dh = torch.cat([da * u * (sg * (1 + g * (1 - sg))), da * act], dim=1)
+            dwg[e].copy_(dh.t() @ xs[rows])
+            torch.mm(dh, wg[e], out=dxs[rows])
+        return dxs, dwg, dwd, None, None
+
+
 class MateConvExperts(nn.Module):
     """The routed experts as 3-D weights; tokens are grouped by expert with one sort (no loop over tokens)."""
 
@@ -150,15 +205,11 @@ class MateConvExperts(nn.Module):
         order = flat.argsort(stable=True)  # group the N*k (token, slot) pairs by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        xs = x.index_select(0, token)
-        outs = []
-        for e, xe in enumerate(xs.split(counts)):  # loop over experts, each a dense matmul on its tokens
-            if xe.shape[0] == 0:
-                continue
-            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-        ys = torch.cat(outs) * topk_w.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        ys = _GroupedSwiGLU.apply(x.index_select(0, token), self.gate_up_proj, self.down_proj, counts, dtype)
+        ys = ys * topk_w.reshape(-1)[order, None].to(ys.dtype)
+        return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
 
 class MateConvMoE(nn.Module):
