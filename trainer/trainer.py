@@ -10,7 +10,16 @@ What a task can use from the trainer (``on_train_start`` / ``extra_eval`` hooks)
 DDP wrapper or a DeepSpeed engine), ``trainer.autocast()``, ``trainer.to_device(batch)``,
 ``trainer.log(msg)``, ``trainer.step``, ``trainer.total_steps``, ``trainer.run_dir``,
 ``trainer.train_dataset``, ``trainer.eval_datasets``, ``trainer.collate``, ``trainer.init_from``
-(resolved checkpoint dir or None), ``trainer.eval_loader(dataset)`` (this rank's shard).
+(resolved checkpoint dir or None), ``trainer.eval_loader(dataset)`` (this rank's shard), ``trainer.config``
+(the model config), ``trainer.logger.metrics(record)`` (a ``metrics.jsonl`` / wandb record, rank 0),
+``trainer.evaluate()`` (every eval set + ``extra_eval``).
+
+Resume (``--resume``) needs the same global micro-batch (``batch_size`` x processes), accumulation, seed
+and training set: the data position and the schedule are functions of the step. So a DDP / plain run
+may resume on another number of processes when ``batch_size`` x processes stays the same (e.g. 1 x 32 ->
+2 x 16); anything else is refused with a message. DeepSpeed checkpoints resume on the same world size;
+plain/DDP and DeepSpeed checkpoints do not resume into each other (``--init_from`` takes the weights).
+``--max_steps`` (optimizer steps) overrides ``--epochs`` and may cycle the data several times.
 
 Per optimizer step (``accumulation_steps`` micro-batches on each of ``world_size`` processes):
 
