@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .modeling_mateconv import build_attention_mask
+from .modeling_mateconv import build_attention_mask, rope_cos_sin
 
 
 class StaticKVCache:
@@ -141,6 +141,9 @@ def stream_generate(
             pos = (attention_mask.cumsum(-1) - 1).clamp_min(0)
             h, _ = core(input_ids, attention_mask if padded else None, pos, cache)
             next_pos = pos[:, -1:] + 1
+            # RoPE cos/sin of every position this call can reach, computed once
+            rope = rope_cos_sin(torch.arange(P + max_new_tokens, device=device), core.config.head_dim,
+                                core.config.rope_theta)
         else:
             seq, mask = input_ids, attention_mask
             h, _ = core(seq, mask if padded else None, None, None)
@@ -163,9 +166,9 @@ def stream_generate(
                 am = full_mask if padded else None
                 if am is not None:
                     am = build_attention_mask(am, 1, cache.pos)
-                    h = _step(core, tok[:, None], next_pos, cache, am)
+                    h = _step(core, tok[:, None], next_pos, cache, am, rope)
                 else:
-                    h = _step(core, tok[:, None], next_pos, cache, None)
+                    h = _step(core, tok[:, None], next_pos, cache, None, rope)
                 next_pos = next_pos + 1
                 logits = head(h[:, -1])
             else:
@@ -176,13 +179,10 @@ def stream_generate(
         model.train(was_training)
 
 
-def _step(core, tok, pos, cache, attn_mask):
-    """One decoding step through the layers with a prebuilt mask (skips the generic mask logic)."""
-    from .modeling_mateconv import rope_cos_sin
-
+def _step(core, tok, pos, cache, attn_mask, rope):
+    """One decoding step through the layers with a prebuilt mask and RoPE table (no generic mask logic)."""
     x = core.embed_tokens(tok)
-    cos, sin = rope_cos_sin(pos, core.config.head_dim, core.config.rope_theta)
-    cos, sin = cos[:, :, None], sin[:, :, None]
+    cos, sin = rope[0][pos][:, :, None], rope[1][pos][:, :, None]
     for layer in core.layers:
         x, _ = layer(x, cos, sin, attn_mask, cache, None, with_aux=False)
     return core.norm(x)
