@@ -13,8 +13,10 @@ KL(policy ‖ reference) on chosen answers (``--kl_coef``) and an optional SFT t
 ``probe/sft_loss``). ``python 9.train_dpo.py --help`` lists every flag; see ``trainer/dpo.py``.
 """
 
+import sys
+
 import trainer
 from trainer.dpo import DPOTask
 
 if __name__ == "__main__":
-    trainer.run(DPOTask())
+    sys.exit(trainer.run(DPOTask()))
