@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .build_corpus import CORPUS_PATH, read_corpus
 
-GENERATOR_VERSION = 1  # bump when the derivation changes: ensure_embedded() then rebuilds
+GENERATOR_VERSION = 2  # bump when the derivation changes: ensure_embedded() then rebuilds
 SEED = "mateconv-embedded-v1"
 SPLITS = ("train", "validation", "test")
 PREF_SPLITS = ("train", "validation")
@@ -440,6 +440,33 @@ def derive(works: list[dict]) -> dict[str, list[dict]]:
             pref_pool[split].extend(pref_candidates(work))
     for split in PREF_SPLITS:
         out[f"prefs_prompts_{split}"] = _select_prefs(pref_pool[split], PREF_COUNTS[split], split)
+    return drop_train_overlap(out)
+
+
+def drop_train_overlap(out: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Remove held-out records whose text also occurs in the train split.
+
+    Splits are by work, but two different works can still yield the same record (e.g. an author
+    question about works with placeholder titles), which would leak training data into evaluation.
+    """
+    def key(rec: dict) -> str:
+        return json.dumps(rec.get("conversations", rec.get("text")), ensure_ascii=False, sort_keys=True)
+
+    def prompt_key(rec: dict) -> str:
+        return json.dumps(rec["conversations"][:1], ensure_ascii=False, sort_keys=True)
+
+    train_text = {key(r) for r in out["pretrain_train"]}
+    train_sft = {key(r) for r in out["sft_train"]}
+    train_prompts = {prompt_key(r) for r in out["sft_train"]} | {prompt_key(r) for r in out["prefs_prompts_train"]}
+    for name, recs in out.items():
+        if name.endswith("_train"):
+            continue
+        if name.startswith("pretrain_"):
+            out[name] = [r for r in recs if key(r) not in train_text]
+        elif name.startswith("sft_"):
+            out[name] = [r for r in recs if key(r) not in train_sft]
+        else:
+            out[name] = [r for r in recs if prompt_key(r) not in train_prompts]
     return out
 
 
