@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 
 def make_step(model, x, dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     x = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq))
     steps = {}
     for name, m in (("mateconv", ours), ("llama", llama)):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=False, foreach=True)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
         steps[name] = make_step(m, opt, x, x, True, dtype)
         steps[name]()  # warm-up
     times = {k: [] for k in steps}

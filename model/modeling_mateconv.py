@@ -169,6 +169,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         dxs = torch.empty_like(xs)
         dwg = torch.empty(wg.shape, dtype=ctx.weight_dtype, device=xs.device)
         dwd = torch.empty(wd.shape, dtype=ctx.weight_dtype, device=xs.device)
+        same_dtype = xs.dtype == ctx.weight_dtype
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n:
@@ -181,10 +182,14 @@ class _GroupedSwiGLU(torch.autograd.Function):
             sg = torch.sigmoid(g)
             act = g * sg
             do = dout[rows]
-            dwd[e].copy_(do.t() @ (act * u))
             da = do @ wd[e]
             dh = torch.cat([da * u * (sg * (1 + g * (1 - sg))), da * act], dim=1)
-            dwg[e].copy_(dh.t() @ xs[rows])
+            if same_dtype:  # write the weight gradients in place
+                torch.mm(do.t(), act * u, out=dwd[e])
+                torch.mm(dh.t(), xs[rows], out=dwg[e])
+            else:  # autocast: low-precision matmul, fp32 gradient
+                dwd[e].copy_(do.t() @ (act * u))
+                dwg[e].copy_(dh.t() @ xs[rows])
             torch.mm(dh, wg[e], out=dxs[rows])
         return dxs, dwg, dwd, None, None
 
