@@ -110,6 +110,11 @@ class MateConvConfig(_BaseConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @head_dim.setter
+    def head_dim(self, value) -> None:  # accept configs that spell it out, refuse inconsistent ones
+        if value is not None and value != self.hidden_size // self.num_attention_heads:
+            raise ValueError("MateConv requires head_dim == hidden_size // num_attention_heads")
+
     def _validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")

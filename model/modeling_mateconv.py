@@ -383,8 +383,11 @@ class MateConvModel(MateConvPreTrainedModel):
         attn_mask = None
         token_mask = None
         if attention_mask is not None:
-            attn_mask = build_attention_mask(attention_mask, T, past)
             token_mask = attention_mask[:, -T:]
+            right_padded = past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+            # right padding (training batches): real tokens never see the later pads under the causal mask,
+            # so keep the fast causal kernel; pad positions only produce ignored (-100) outputs
+            attn_mask = None if right_padded else build_attention_mask(attention_mask, T, past)
         elif past > 0 and T > 1:
             attn_mask = build_attention_mask(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T, past)
         aux = []

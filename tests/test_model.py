@@ -192,3 +192,18 @@ def test_trust_remote_code_load_in_fresh_process(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "OK transformers_modules" in res.stdout
+
+
+def test_right_padded_batch_matches_unpadded_rows():
+    torch.manual_seed(0)
+    m = MateConvForCausalLM(MateConvConfig(**SMALL)).eval()
+    a, b = torch.randint(4, 256, (1, 12)), torch.randint(4, 256, (1, 7))
+    batch = torch.full((2, 12), 3)
+    batch[0], batch[1, :7] = a, b
+    mask = (torch.arange(12)[None] < torch.tensor([[12], [7]])).long()
+    out = m(batch, attention_mask=mask).logits
+    assert torch.allclose(out[0], m(a).logits[0], atol=1e-5)
+    assert torch.allclose(out[1, :7], m(b).logits[0], atol=1e-5)
+    assert MateConvConfig(**SMALL, head_dim=16).head_dim == 16
+    with pytest.raises(ValueError, match="head_dim"):
+        MateConvConfig(**SMALL, head_dim=8)
