@@ -8,12 +8,16 @@ The direction is taken from ``config.json`` of ``--src``. A native checkpoint lo
 vLLM, Ollama ...):
 
 * dense            -> ``LlamaForCausalLM`` (q/k/v and gate/up are split out of our fused weights);
-* MoE              -> ``GraniteMoeSharedForCausalLM``: softmax top-k with renormalisation, an ungated
+* softmax MoE      -> ``GraniteMoeSharedForCausalLM``: softmax top-k with renormalisation, an ungated
   shared SwiGLU (our shared experts concatenated), GQA, with the Granite multipliers set to neutral
-  values (embedding 1, residual 1, logits 1, attention 1/sqrt(head_dim)).
+  values (embedding 1, residual 1, logits 1, attention 1/sqrt(head_dim));
+* sigmoid MoE      -> ``Glm4MoeForCausalLM`` (DeepSeek-V3-style router: sigmoid scores, selection-only
+  bias = our aux-loss-free bias, optional renormalisation, routed scaling, first-k dense layers), with
+  one expert group, no qk-norm, full-width RoPE and no MTP layers.
 
-MoE options with no exact native twin are refused with a message (sigmoid scores, no top-k
-renormalisation, first-k dense layers, a non-zero aux-free selection bias, a routed scaling factor).
+Options with no exact native twin are refused with a message (softmax without top-k renormalisation,
+softmax with first-k dense layers / a non-zero aux-free bias / a routed scaling factor; sigmoid without
+a shared expert).
 """
 
 from __future__ import annotations
@@ -68,21 +72,29 @@ def check_exportable(model_or_config) -> str:
     if c.n_moe_layers == 0:
         return "LlamaForCausalLM"
     problems = []
-    if c.scoring_func != "softmax":
-        problems.append(f"scoring_func={c.scoring_func!r} (GraniteMoeShared routes with softmax only)")
+    if c.scoring_func == "sigmoid":
+        # Glm4Moe: sigmoid scores + selection-only bias, optional renormalisation and scaling, first-k dense
+        if c.n_shared_experts < 1:
+            problems.append("n_shared_experts=0 with sigmoid scoring (Glm4Moe always has a shared expert)")
+        if c.n_routed_experts < 2:
+            problems.append("fewer than 2 routed experts (Glm4Moe's group scoring takes the top-2 of a group)")
+        if problems:
+            raise ExportError("cannot export this MoE exactly to Glm4MoeForCausalLM: " + "; ".join(problems))
+        return "Glm4MoeForCausalLM"
     if not c.norm_topk_prob:
         problems.append("norm_topk_prob=False (GraniteMoeShared always renormalises the top-k weights)")
     if c.first_k_dense_replace:
         problems.append(f"first_k_dense_replace={c.first_k_dense_replace} (GraniteMoeShared has MoE in every layer)")
     if c.routed_scaling_factor != 1.0:
-        problems.append(f"routed_scaling_factor={c.routed_scaling_factor} (no native equivalent)")
+        problems.append(f"routed_scaling_factor={c.routed_scaling_factor} (no native equivalent with softmax)")
     if hasattr(model_or_config, "moe_layers"):
         for i, m in enumerate(model_or_config.moe_layers()):
             if m.aux_free and bool(m.e_score_correction_bias.abs().max() > 0):
-                problems.append(f"MoE layer {i} has a non-zero aux-free selection bias (no native equivalent)")
+                problems.append(f"MoE layer {i} has a non-zero aux-free selection bias (no native softmax equivalent)")
                 break
     if problems:
-        raise ExportError("cannot export this MoE exactly to a native transformers architecture: " + "; ".join(problems))
+        raise ExportError("cannot export this softmax MoE exactly to GraniteMoeSharedForCausalLM (use "
+                          "scoring_func='sigmoid' for the Glm4Moe export): " + "; ".join(problems))
     return "GraniteMoeSharedForCausalLM"
 
 
@@ -99,10 +111,15 @@ def to_native(model: MateConvForCausalLM):
             p = k[: -len("qkv_proj.weight")]
             q, kk, vv = v.split([nh * hd, nkv * hd, nkv * hd])
             out[p + "q_proj.weight"], out[p + "k_proj.weight"], out[p + "v_proj.weight"] = q, kk, vv
-        elif arch == "LlamaForCausalLM" and k.endswith("mlp.gate_up_proj.weight"):
-            p = k[: -len("gate_up_proj.weight")]
+        elif arch != "GraniteMoeSharedForCausalLM" and k.endswith("gate_up_proj.weight"):
+            p = k[: -len("gate_up_proj.weight")]  # dense MLP or Glm4Moe shared experts: split gate / up
             out[p + "gate_proj.weight"], out[p + "up_proj.weight"] = v.chunk(2)
-        elif arch != "LlamaForCausalLM" and ".mlp." in k:
+        elif arch == "Glm4MoeForCausalLM" and ".mlp." in k:
+            if k.endswith("e_score_correction_bias") and not c.aux_free_balancing:
+                v = torch.zeros_like(v)  # our selection ignores the bias when aux-free balancing is off
+            out[k.replace("mlp.router.weight", "mlp.gate.weight").replace(
+                "mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias")] = v
+        elif arch == "GraniteMoeSharedForCausalLM" and ".mlp." in k:
             p, rest = k.split(".mlp.")
             if rest == "e_score_correction_bias":
                 continue
@@ -123,6 +140,19 @@ def to_native(model: MateConvForCausalLM):
         cfg = LlamaConfig(intermediate_size=c.intermediate_size, mlp_bias=False, head_dim=hd,
                           **_common_native_kwargs(c))
         native = LlamaForCausalLM(cfg)
+    elif arch == "Glm4MoeForCausalLM":
+        from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+        kw = _common_native_kwargs(c)
+        kw["rope_parameters"]["partial_rotary_factor"] = 1.0
+        cfg = Glm4MoeConfig(
+            intermediate_size=c.intermediate_size, moe_intermediate_size=c.moe_intermediate_size,
+            n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
+            n_shared_experts=c.n_shared_experts, routed_scaling_factor=c.routed_scaling_factor,
+            n_group=1, topk_group=1, first_k_dense_replace=c.first_k_dense_replace,
+            norm_topk_prob=c.norm_topk_prob, use_qk_norm=False, num_mtp_layers=0, head_dim=hd, **kw,
+        )
+        native = Glm4MoeForCausalLM(cfg)
     else:
         from transformers import GraniteMoeSharedConfig, GraniteMoeSharedForCausalLM
 
@@ -159,8 +189,8 @@ def from_native(native) -> MateConvForCausalLM:
     """A MateConv model equal to a ``LlamaForCausalLM`` / ``GraniteMoeSharedForCausalLM`` we can represent."""
     nc = native.config
     mt = nc.model_type
-    if mt not in ("llama", "granitemoeshared"):
-        raise ExportError(f"cannot import model_type={mt!r}: only llama and granitemoeshared")
+    if mt not in ("llama", "granitemoeshared", "glm4_moe"):
+        raise ExportError(f"cannot import model_type={mt!r}: only llama, granitemoeshared and glm4_moe")
     hd = nc.hidden_size // nc.num_attention_heads
     if getattr(nc, "head_dim", hd) != hd:
         raise ExportError("head_dim != hidden_size / num_attention_heads is not supported")
@@ -169,8 +199,8 @@ def from_native(native) -> MateConvForCausalLM:
     if nc.hidden_act != "silu":
         raise ExportError(f"hidden_act={nc.hidden_act!r} is not supported (SwiGLU only)")
     rope = getattr(nc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(nc, "rope_theta", 1e4)}
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"rope_type={rope.get('rope_type')!r} is not supported")
+    if rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ExportError(f"rope {rope} is not supported (default RoPE over the full head only)")
     kw = dict(
         vocab_size=nc.vocab_size, hidden_size=nc.hidden_size, num_hidden_layers=nc.num_hidden_layers,
         num_attention_heads=nc.num_attention_heads, num_key_value_heads=nc.num_key_value_heads,
@@ -180,6 +210,16 @@ def from_native(native) -> MateConvForCausalLM:
     )
     if mt == "llama":
         cfg = MateConvConfig(intermediate_size=nc.intermediate_size, **kw)
+    elif mt == "glm4_moe":
+        if nc.use_qk_norm or nc.n_group != 1 or nc.topk_group != 1 or getattr(nc, "num_mtp_layers", 0):
+            raise ExportError("Glm4Moe with qk-norm, expert groups or MTP layers has no MateConv equivalent")
+        cfg = MateConvConfig(
+            intermediate_size=nc.intermediate_size, use_moe=True, n_routed_experts=nc.n_routed_experts,
+            num_experts_per_tok=nc.num_experts_per_tok, n_shared_experts=nc.n_shared_experts,
+            moe_intermediate_size=nc.moe_intermediate_size, first_k_dense_replace=nc.first_k_dense_replace,
+            scoring_func="sigmoid", norm_topk_prob=nc.norm_topk_prob, routed_scaling_factor=nc.routed_scaling_factor,
+            aux_free_balancing=True, **kw,
+        )
     else:
         neutral = (nc.embedding_multiplier == 1 and nc.logits_scaling == 1 and nc.residual_multiplier == 1
                    and math.isclose(nc.attention_multiplier, 1 / math.sqrt(hd), rel_tol=1e-6))
@@ -202,11 +242,14 @@ def from_native(native) -> MateConvForCausalLM:
         if k.endswith("self_attn.q_proj.weight"):
             p = k[: -len("q_proj.weight")]
             out[p + "qkv_proj.weight"] = torch.cat([v, sd[p + "k_proj.weight"], sd[p + "v_proj.weight"]])
-        elif k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight")):
+        elif k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "up_proj.weight")):
             continue
-        elif k.endswith("mlp.gate_proj.weight"):
+        elif k.endswith("gate_proj.weight"):  # dense MLP or Glm4Moe shared experts
             p = k[: -len("gate_proj.weight")]
             out[p + "gate_up_proj.weight"] = torch.cat([v, sd[p + "up_proj.weight"]])
+        elif mt == "glm4_moe" and ".mlp." in k:
+            out[k.replace("mlp.gate.weight", "mlp.router.weight").replace(
+                "mlp.gate.e_score_correction_bias", "mlp.e_score_correction_bias")] = v
         elif ".block_sparse_moe." in k or ".shared_mlp." in k:
             p, rest = k.split(".", 3)[:3], k.split(".", 3)[3]
             p = ".".join(p)

@@ -1,4 +1,4 @@
-"""Native export: our logits equal transformers' own LlamaForCausalLM / GraniteMoeSharedForCausalLM."""
+"""Native export: our logits equal transformers' own Llama / GraniteMoeShared / Glm4Moe implementations."""
 
 import json
 
@@ -43,12 +43,19 @@ CASES = [
     ("moe-top1-noshared-untied", dict(MOE, num_experts_per_tok=1, n_shared_experts=0, tie_word_embeddings=False),
      "GraniteMoeSharedForCausalLM"),
     ("moe-all-dense-layers", dict(MOE, first_k_dense_replace=3), "LlamaForCausalLM"),
+    ("moe-sigmoid-auxfree", dict(MOE, scoring_func="sigmoid", aux_free_balancing=True), "Glm4MoeForCausalLM"),
+    ("moe-sigmoid-dense1-unnorm-scaled", dict(MOE, scoring_func="sigmoid", first_k_dense_replace=1,
+                                              norm_topk_prob=False, routed_scaling_factor=2.5,
+                                              tie_word_embeddings=False), "Glm4MoeForCausalLM"),
 ]
 
 
 @pytest.mark.parametrize("name,cfg,arch", CASES, ids=[c[0] for c in CASES])
 def test_exported_logits_equal_native_implementation(name, cfg, arch):
     m = random_model(cfg)
+    for layer in m.moe_layers():  # a trained aux-free bias (exported exactly where the native router has one)
+        if layer.aux_free:
+            layer.e_score_correction_bias.normal_(0.0, 0.1)
     native = to_native(m)
     assert type(native).__name__ == arch
     x = torch.randint(0, cfg["vocab_size"], (3, 50))
@@ -76,7 +83,7 @@ def test_comparison_can_fail():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(scoring_func="sigmoid"), "scoring_func"),
+    (dict(scoring_func="sigmoid", n_shared_experts=0), "shared expert"),
     (dict(norm_topk_prob=False), "norm_topk_prob"),
     (dict(first_k_dense_replace=1), "first_k_dense_replace"),
     (dict(routed_scaling_factor=2.0), "routed_scaling_factor"),
@@ -95,7 +102,9 @@ def test_nonzero_aux_free_bias_is_refused():
         to_native(m)
 
 
-@pytest.mark.parametrize("cfg,arch", [(DENSE, "LlamaForCausalLM"), (MOE, "GraniteMoeSharedForCausalLM")])
+@pytest.mark.parametrize("cfg,arch", [(DENSE, "LlamaForCausalLM"), (MOE, "GraniteMoeSharedForCausalLM"),
+                                      (dict(MOE, scoring_func="sigmoid", aux_free_balancing=True),
+                                       "Glm4MoeForCausalLM")])
 def test_cli_export_loads_without_trust_remote_code_and_imports_back(tmp_path, cfg, arch):
     from transformers import AutoModelForCausalLM
 
@@ -118,6 +127,6 @@ def test_cli_export_loads_without_trust_remote_code_and_imports_back(tmp_path, c
 
 
 def test_cli_refusal_is_a_clear_message(tmp_path):
-    MateConvForCausalLM(MateConvConfig(**{**MOE, "scoring_func": "sigmoid"})).save_pretrained(tmp_path / "s")
-    with pytest.raises(SystemExit, match="export refused: .*sigmoid"):
+    MateConvForCausalLM(MateConvConfig(**{**MOE, "norm_topk_prob": False})).save_pretrained(tmp_path / "s")
+    with pytest.raises(SystemExit, match="export refused: .*norm_topk_prob"):
         main(["--src", str(tmp_path / "s"), "--dst", str(tmp_path / "d")])
