@@ -301,9 +301,13 @@ class MateConvMoE(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> None:
         """Aux-loss-free balancing: push the selection bias of overloaded experts down, underloaded up."""
-        load = self._pending_counts
+        load = self._pending_counts.to(self.e_score_correction_bias.device)
         self._pending_counts = torch.zeros(self.n_experts)
-        if not self.aux_free or load.sum() == 0:
+        if not self.aux_free:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # every rank applies the same update from the global load
+        if load.sum() == 0:
             return
         err = load.mean() - load  # > 0: underloaded
         self.e_score_correction_bias.add_(self.bias_update_rate * err.sign().to(self.e_score_correction_bias))
