@@ -48,16 +48,17 @@ class Budget:
     dpo_batch: int
     eval_examples: int
     eval_items: int
+    eval_new_tokens: int
     eval_interval: int
     log_interval: int
 
 
 FULL = Budget(max_seq_len=128, pretrain_steps=300, pretrain_batch=32, sft_steps=150, sft_batch=32,
               pref_prompts=400, pref_eval_prompts=100, dpo_steps=60, dpo_batch=16,
-              eval_examples=200, eval_items=300, eval_interval=50, log_interval=10)
+              eval_examples=200, eval_items=300, eval_new_tokens=48, eval_interval=50, log_interval=10)
 QUICK = Budget(max_seq_len=64, pretrain_steps=20, pretrain_batch=8, sft_steps=10, sft_batch=8,
                pref_prompts=24, pref_eval_prompts=16, dpo_steps=6, dpo_batch=4,
-               eval_examples=16, eval_items=24, eval_interval=5, log_interval=2)
+               eval_examples=16, eval_items=24, eval_new_tokens=16, eval_interval=5, log_interval=2)
 
 
 def log(msg: str) -> None:
@@ -80,9 +81,11 @@ class Pipeline:
         self.timings: dict[str, float] = {}
 
     # -- running a stage ---------------------------------------------------------------------------
-    def run(self, name: str, cmd: list[str], stamp: Path | None) -> None:
-        """Run one stage command unless its stamp file exists; its output goes to logs/<name>.log."""
-        if stamp is not None and stamp.exists() and not self.args.force:
+    def run(self, name: str, cmd: list[str], stamp: Path | None, key: str = "") -> None:
+        """Run one stage command unless its stamp file exists (with the same ``key``, when given);
+        its output goes to logs/<name>.log."""
+        cmd = [str(c) for c in cmd]
+        if stamp is not None and stamp.exists() and not self.args.force and self._stamp_key(stamp) == key:
             log(f"skip {name} (finished earlier: {stamp.relative_to(self.run_dir.parent)})")
             return
         log_path = self.logs / f"{name}.log"
@@ -98,17 +101,30 @@ class Pipeline:
             raise SystemExit(f"pipeline: stage {name} failed (exit {proc.returncode}); full log: {log_path}")
         if stamp is not None:
             stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(json.dumps({"seconds": round(dt, 1), "command": cmd}) + "\n", encoding="utf-8")
+            stamp.write_text(json.dumps({"seconds": round(dt, 1), "command": cmd, "key": key}) + "\n",
+                             encoding="utf-8")
         log(f"done {name} in {dt:.0f}s")
 
-    def py(self, script: str, *args) -> list[str]:
-        return [sys.executable, script, *[str(a) for a in args]]
+    @staticmethod
+    def _stamp_key(stamp: Path) -> str:
+        try:
+            return json.loads(stamp.read_text(encoding="utf-8")).get("key", "")
+        except (OSError, ValueError):
+            return "<unreadable stamp>"
+
+    def py(self, script: str, *args) -> list:
+        return [sys.executable, script, *args]
 
     # -- stages ------------------------------------------------------------------------------------
     def stage_data(self) -> None:
+        """Stage 3 on the embedded corpus; rebuilt when the corpus or the tokenizer changed."""
+        from dataset.embedded import corpus_hash
+        from tokenizer import load_tokenizer, tokenizer_fingerprint
+
+        key = f"corpus {corpus_hash()[:16]} tokenizer {tokenizer_fingerprint(load_tokenizer())}"
         self.run("data", self.py("3.pretrain.py", "--embedded_dir", self.embedded,
                                  "--out_dir", self.data_dir / "pretrain"),
-                 self.data_dir / "pretrain" / ".done")
+                 self.data_dir / "pretrain" / ".done", key)
 
     def common_train_flags(self, seed: int) -> list:
         b = self.budget
@@ -169,7 +185,8 @@ class Pipeline:
                 sys.executable, "-m", "evaluation.evaluate", "--checkpoint", d / stage, "--split", "test",
                 "--data_dir", self.embedded, "--pretrain_file", self.data_dir / "pretrain" / "pretrain_test.bin"
                 if (self.data_dir / "pretrain" / "pretrain_test.bin").exists() else self.embedded / "pretrain_test.jsonl",
-                "--max_examples", b.eval_examples, "--max_items", b.eval_items,
+                "--max_examples", b.eval_examples, "--max_items", b.eval_items, "--batch_size", 16,
+                "--max_new_tokens", b.eval_new_tokens,
                 "--max_seq_len", b.max_seq_len, "--seed", seed, "--out", out], out.with_suffix(".done"))
 
     def stage_report(self) -> None:
