@@ -11,3 +11,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# One torch thread in the test process: on a busy 2-core machine two OpenMP threads can stall on
+# barriers (a 1 s MoE test took 95 s). Subprocess stages choose their own thread counts.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
