@@ -204,7 +204,7 @@ def _guard_args(d, out, *extra):
     return ["--model", "mateconv-tiny", "--tokenizer", TOKENIZER, "--data_path", str(d / "pretrain_train.bin"),
             "--out_dir", str(out), "--max_steps", "6", "--max_seq_len", "16", "--batch_size", "2",
             "--log_interval", "1", "--save_interval", "1", "--eval_interval", "0", "--dtype", "float32",
-            "--num_workers", "0", "--device", "cpu", *extra]
+            "--num_workers", "0", "--device", "cpu", "--num_threads", "1", *extra]
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(small_bin, tmp_path):
@@ -242,7 +242,7 @@ def test_sft_requires_a_matching_pretraining_checkpoint(small_bin, tmp_path):
                                                  {"role": "assistant", "content": "你好呀"}]},
                               ensure_ascii=False) + "\n", encoding="utf-8")
     base = ["--tokenizer", TOKENIZER, "--data_path", str(sft), "--out_dir", str(tmp_path), "--max_steps", "1",
-            "--batch_size", "1", "--dtype", "float32", "--device", "cpu", "--num_workers", "0"]
+            "--batch_size", "1", "--dtype", "float32", "--device", "cpu", "--num_workers", "0", "--num_threads", "1"]
     with pytest.raises(FileNotFoundError, match="pretrain"):
         run(SFTTask(), base + ["--model", "mateconv-tiny"])
     # a pretraining checkpoint of another architecture is refused

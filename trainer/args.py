@@ -121,7 +121,7 @@ def build_parser(task) -> argparse.ArgumentParser:
     g.add_argument("--wandb_log_model", action="store_true",
                    help="also upload checkpoints as wandb artifacts (off: the wandb cache stays small)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--num_threads", type=int, default=0, help="CPU threads per process (0: cores / local processes)")
+    g.add_argument("--num_threads", type=int, default=0, help="CPU threads per process (0: $OMP_NUM_THREADS, else cores / local processes)")
 
     g = p.add_argument_group(f"{name} options")
     task.add_args(g)

@@ -223,7 +223,7 @@ class Trainer:
         on_cpu = self.device.type == "cpu"
         fill_defaults(a, self.task, on_cpu)
         if on_cpu:
-            n = a.num_threads
+            n = a.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
             if not n:
                 try:
                     cores = len(os.sched_getaffinity(0))
@@ -754,8 +754,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 gnorm_last = gn
             if self.is_moe:
-                self._sync_router_counts()
-                self.model.update_router_bias()
+                self.model.update_router_bias()  # every rank; the model all-reduces the load itself
             self.step += 1
             win_steps += 1
             self.logger.progress(1)
@@ -793,15 +792,6 @@ class Trainer:
             self.log(f"done: {self.step} steps in {fmt_duration(time.time() - t_start)}; "
                      f"checkpoint {ckpt_lib.latest_checkpoint(self.ckpt_root) if d.is_main else ''}")
         return exit_code
-
-    def _sync_router_counts(self):
-        """Aux-loss-free balancing must see the global expert load (and keep ranks' biases equal)."""
-        if not getattr(self.config, "aux_free_balancing", False) or dist_utils.world_size() == 1:
-            return
-        for m in self.model.moe_layers():
-            pc = getattr(m, "_pending_counts", None)
-            if isinstance(pc, torch.Tensor):
-                m._pending_counts = dist_utils.all_reduce_sum(pc.to(self.device)).to(pc.device)
 
     def _log_window(self, win, win_metrics, win_steps, gnorm, lr, t_start, t_win, steps_at_start) -> dict:
         a = self.args
