@@ -406,6 +406,23 @@ class Report:
             out.append(rec)
         return out
 
+    def dpo_heldout(self) -> list[dict]:
+        """Held-out preference (reward) accuracy and margin before DPO (step 0) and at its last evaluation."""
+        out = []
+        for (arm, seed, stage), rows in sorted(self.logs.items()):
+            if stage != "dpo":
+                continue
+            rec = {"arm": arm, "seed": seed}
+            for key in ("reward_accuracy", "rewards/margins"):
+                name = next((k for r in rows for k in r if k.endswith("/" + key) and k != key), None)
+                vr = [r for r in rows if name and r.get(name) is not None and "step" in r]
+                if vr:
+                    rec[key] = {"metric": name, "first_step": vr[0]["step"], "first": float(vr[0][name]),
+                                "last_step": vr[-1]["step"], "last": float(vr[-1][name])}
+            if len(rec) > 2:
+                out.append(rec)
+        return out
+
     # ---- figures
     def _save(self, fig, name: str, caption: str):
         self.fig_dir.mkdir(parents=True, exist_ok=True)
@@ -530,7 +547,7 @@ class Report:
             return
         colors = {a: f"C{i}" for i, a in enumerate(self.found["arms"])}
         panels = [("rewards/margins", "reward margin (chosen - rejected)"),
-                  ("rewards/accuracies", "reward accuracy"),
+                  ("reward_accuracy", "reward accuracy (chosen > rejected; tie = 0.5)"),
                   ("kl", "KL(policy || reference) on chosen answers"),
                   ("probe", "forgetting probe: held-out loss")]
         fig, axes = plt.subplots(1, 4, figsize=(22, 4.5))
@@ -614,6 +631,7 @@ class Report:
         forg = self.forgetting()
         routing = self.routing()
         training = self.training_summary()
+        dpo_heldout = self.dpo_heldout()
         if not self.evals:
             self.notes.append("no evaluation files in eval/: the metric table is empty.")
         self.fig_loss_curves()
@@ -637,7 +655,7 @@ class Report:
                 "training_seeds": self.found["seeds"], "evaluations": eval_meta,
                 "report_bootstrap": {"n_resamples": self.n_resamples, "seed": self.seed},
                 "table": table, "comparisons": comps, "forgetting": forg, "routing": routing,
-                "training": training, "flops_token_sources": self.token_sources, "figures": self.figures, "notes": sorted(set(self.notes))}
+                "training": training, "dpo_heldout": dpo_heldout, "flops_token_sources": self.token_sources, "figures": self.figures, "notes": sorted(set(self.notes))}
 
 
 # -------------------------------------------------------------------------------------------- markdown
@@ -705,6 +723,13 @@ def summary_lines(rep: dict) -> list[str]:
         out.append(f"- Load balance of **{r['arm']}** ({r['stage']} checkpoint, held-out text): max-violation "
                    f"(0 = perfectly balanced) {mv}; router entropy per layer {ent} nats "
                    f"(uniform = {fmt(r['router_entropy_max'])}).")
+    for d in rep.get("dpo_heldout", []):
+        acc, mar = d.get("reward_accuracy"), d.get("rewards/margins")
+        if acc:
+            out.append(f"- DPO of **{d['arm']}** seed {d['seed']}: held-out preference accuracy ({acc['metric']}, "
+                       f"0.5 = chance) {fmt(acc['first'])} at step {acc['first_step']} → {fmt(acc['last'])} at step "
+                       f"{acc['last_step']}" + (f"; reward margin {fmt(mar['first'])} → {fmt(mar['last'])}" if mar else "")
+                       + ".")
     for f in rep["forgetting"]:
         s = f["across_seeds"]
         est, lo, hi, how = _interval(s, f["per_seed"])
