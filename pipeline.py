@@ -53,9 +53,9 @@ class Budget:
     log_interval: int
 
 
-FULL = Budget(max_seq_len=128, pretrain_steps=300, pretrain_batch=32, sft_steps=150, sft_batch=32,
-              pref_prompts=400, pref_eval_prompts=100, dpo_steps=60, dpo_batch=16,
-              eval_examples=200, eval_items=300, eval_new_tokens=48, eval_interval=50, log_interval=10)
+FULL = Budget(max_seq_len=128, pretrain_steps=160, pretrain_batch=16, sft_steps=100, sft_batch=16,
+              pref_prompts=240, pref_eval_prompts=120, dpo_steps=40, dpo_batch=8,
+              eval_examples=120, eval_items=200, eval_new_tokens=32, eval_interval=40, log_interval=10)
 QUICK = Budget(max_seq_len=64, pretrain_steps=20, pretrain_batch=8, sft_steps=10, sft_batch=8,
                pref_prompts=24, pref_eval_prompts=16, dpo_steps=6, dpo_batch=4,
                eval_examples=16, eval_items=24, eval_new_tokens=16, eval_interval=5, log_interval=2)
@@ -86,10 +86,10 @@ class Pipeline:
         its output goes to logs/<name>.log."""
         cmd = [str(c) for c in cmd]
         if stamp is not None and stamp.exists() and not self.args.force and self._stamp_key(stamp) == key:
-            log(f"skip {name} (finished earlier: {stamp.relative_to(self.run_dir.parent)})")
+            log(f"skip {name} (finished earlier: {stamp})")
             return
         log_path = self.logs / f"{name}.log"
-        log(f"run  {name}: {shlex.join(cmd)}  > {log_path.relative_to(self.run_dir.parent)}")
+        log(f"run  {name}: {shlex.join(cmd)}  > {log_path}")
         t0 = time.time()
         with open(log_path, "w", encoding="utf-8") as out:
             proc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
@@ -118,10 +118,11 @@ class Pipeline:
     # -- stages ------------------------------------------------------------------------------------
     def stage_data(self) -> None:
         """Stage 3 on the embedded corpus; rebuilt when the corpus or the tokenizer changed."""
-        from dataset.embedded import corpus_hash
+        from dataset.embedded import GENERATOR_VERSION, corpus_hash
         from tokenizer import load_tokenizer, tokenizer_fingerprint
 
-        key = f"corpus {corpus_hash()[:16]} tokenizer {tokenizer_fingerprint(load_tokenizer())}"
+        key = (f"corpus {corpus_hash()[:16]} derivation v{GENERATOR_VERSION} "
+               f"tokenizer {tokenizer_fingerprint(load_tokenizer())}")
         self.run("data", self.py("3.pretrain.py", "--embedded_dir", self.embedded,
                                  "--out_dir", self.data_dir / "pretrain"),
                  self.data_dir / "pretrain" / ".done", key)
@@ -141,7 +142,7 @@ class Pipeline:
             "4.pretrain.py", "--model", ARMS[arm], "--out_dir", d, "--run_name", "pretrain",
             "--data_path", self.data_dir / "pretrain" / "pretrain_train.bin",
             "--max_steps", b.pretrain_steps, "--batch_size", b.pretrain_batch, "--accumulation_steps", 1,
-            "--learning_rate", 3e-3 if not self.args.quick else 3e-3, "--warmup_ratio", 0.05,
+            "--learning_rate", 3e-3, "--warmup_ratio", 0.05,
             *self.common_train_flags(seed)), d / "pretrain" / ".done")
 
     def stage_sft(self, arm: str, seed: int) -> None:
@@ -172,7 +173,7 @@ class Pipeline:
             "--probe_pretrain_path", self.data_dir / "pretrain" / "pretrain_validation.bin",
             "--probe_sft_path", self.embedded / "sft_validation.jsonl",
             "--max_steps", b.dpo_steps, "--batch_size", b.dpo_batch, "--accumulation_steps", 1,
-            "--learning_rate", 2e-4, "--warmup_ratio", 0.1, "--precompute_ref",
+            "--learning_rate", 1e-4, "--warmup_ratio", 0.1, "--precompute_ref",
             *self.common_train_flags(seed)), d / "dpo" / ".done")
 
     def stage_eval(self, arm: str, seed: int) -> None:
