@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -312,11 +313,16 @@ def convert(src: str, dst: str) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", required=True, help="checkpoint directory (MateConv or native llama/granitemoeshared)")
+    ap.add_argument("--src", required=True, help="checkpoint directory or trainer run directory (MateConv, or native llama/granitemoeshared/glm4_moe)")
     ap.add_argument("--dst", required=True, help="output directory")
     args = ap.parse_args(argv)
+    src = Path(args.src)
+    if not (src / "config.json").is_file():  # a trainer run directory: its latest complete checkpoint
+        from trainer.checkpoint import resolve_checkpoint
+
+        src = resolve_checkpoint(src) or src
     try:
-        arch = convert(args.src, args.dst)
+        arch = convert(src, args.dst)
     except ExportError as e:
         raise SystemExit(f"export refused: {e}") from None
     print(f"wrote {arch} checkpoint to {args.dst}")
