@@ -279,11 +279,15 @@ def from_native(native) -> MateConvForCausalLM:
 # ---------------------------------------------------------------------------------------------------------
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+
+
 def _copy_side_files(src: str, dst: str) -> None:
-    """Copy tokenizer and other side files (not weights, config or code) from src to dst."""
+    """Copy the tokenizer files (not weights, config, code, or a trainer's optimizer/RNG state) from src to dst."""
     for name in os.listdir(src):
         path = os.path.join(src, name)
-        if name in _WEIGHT_FILES or name.endswith((".py", ".safetensors")) or not os.path.isfile(path):
+        if name not in _TOKENIZER_FILES or not os.path.isfile(path):
             continue
         shutil.copy2(path, os.path.join(dst, name))
 
