@@ -51,6 +51,7 @@ class Budget:
     eval_new_tokens: int
     eval_interval: int
     log_interval: int
+    sft_train_limit: int = 0  # 0: the whole SFT train split; else its first N conversations (smoke runs)
 
 
 FULL = Budget(max_seq_len=128, pretrain_steps=160, pretrain_batch=16, sft_steps=100, sft_batch=16,
@@ -58,7 +59,8 @@ FULL = Budget(max_seq_len=128, pretrain_steps=160, pretrain_batch=16, sft_steps=
               eval_examples=120, eval_items=200, eval_new_tokens=32, eval_interval=40, log_interval=10)
 QUICK = Budget(max_seq_len=64, pretrain_steps=20, pretrain_batch=8, sft_steps=10, sft_batch=8,
                pref_prompts=24, pref_eval_prompts=16, dpo_steps=6, dpo_batch=4,
-               eval_examples=16, eval_items=24, eval_new_tokens=16, eval_interval=5, log_interval=2)
+               eval_examples=16, eval_items=24, eval_new_tokens=16, eval_interval=10, log_interval=2,
+               sft_train_limit=2000)
 
 
 def log(msg: str) -> None:
@@ -145,11 +147,27 @@ class Pipeline:
             "--learning_rate", 3e-3, "--warmup_ratio", 0.05,
             *self.common_train_flags(seed)), d / "pretrain" / ".done")
 
+    def sft_train_file(self) -> Path:
+        """The SFT train split, or (quick runs) a prefix of it, so tokenizing 85k conversations is not timed."""
+        full = self.embedded / "sft_train.jsonl"
+        n = self.budget.sft_train_limit
+        if not n:
+            return full
+        subset = self.run_dir / "data" / f"sft_train_first{n}.jsonl"
+        if not subset.exists():
+            subset.parent.mkdir(parents=True, exist_ok=True)
+            with open(full, encoding="utf-8") as src:
+                lines = [line for _, line in zip(range(n), src)]
+            tmp = subset.with_suffix(".tmp")
+            tmp.write_text("".join(lines), encoding="utf-8")
+            tmp.replace(subset)
+        return subset
+
     def stage_sft(self, arm: str, seed: int) -> None:
         b, d = self.budget, self.arm_dir(arm, seed)
         self.run(f"{arm}_seed{seed}_sft", self.py(
             "5.full_sft.py", "--init_from", d / "pretrain", "--out_dir", d, "--run_name", "sft",
-            "--data_path", self.embedded / "sft_train.jsonl",
+            "--data_path", self.sft_train_file(),
             "--max_steps", b.sft_steps, "--batch_size", b.sft_batch, "--accumulation_steps", 1,
             "--learning_rate", 1e-3, "--warmup_ratio", 0.05,
             *self.common_train_flags(seed)), d / "sft" / ".done")
