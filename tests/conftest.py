@@ -13,10 +13,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 # One torch thread in the test process: on a busy 2-core machine two OpenMP threads can stall on
-# barriers (a 1 s MoE test took 95 s). Subprocess stages choose their own thread counts.
-try:
-    import torch
+# barriers (a 1 s MoE test took 95 s). Set at import, so module-scoped fixtures see it too, and reset
+# after every test, since in-process trainer runs choose their own count. Subprocess stages choose theirs.
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    yield
     torch.set_num_threads(1)
-except ImportError:  # pragma: no cover
-    pass

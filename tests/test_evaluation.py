@@ -47,13 +47,6 @@ MICRO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key
              intermediate_size=64, max_position_embeddings=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: avoid oversubscription
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tok():

@@ -11,16 +11,6 @@ import torch.nn.functional as F
 
 from model import MateConvConfig, MateConvForCausalLM, get_config, parameter_report
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared machine: one intra-op thread avoids OpenMP oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, max_position_embeddings=256)
 SMALL_MOE = dict(SMALL, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,

@@ -14,13 +14,6 @@ MOE = dict(DENSE, use_moe=True, n_routed_experts=6, num_experts_per_tok=2, n_sha
            moe_intermediate_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def random_model(cfg, seed=0):
     """Random weights everywhere (norm gains too), so a mapping error cannot hide behind init values."""

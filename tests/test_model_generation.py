@@ -15,13 +15,6 @@ MOE = dict(DENSE, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_sha
 FIXTURE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(cfg, seed=0):
     torch.manual_seed(seed)

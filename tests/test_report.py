@@ -178,12 +178,7 @@ def tiny_run(tmp_path_factory):
     from tokenizer import load_tokenizer
 
     tok = load_tokenizer(FIXTURE_TOK)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: oversubscription costs more than it gains
-    try:
-        run_dir = build_run(tmp_path_factory.mktemp("run"), tok)
-    finally:
-        torch.set_num_threads(threads)
+    run_dir = build_run(tmp_path_factory.mktemp("run"), tok)  # one torch thread (tests/conftest.py)
     rep = report_mod.write_report(run_dir, n_resamples=500, seed=0)
     return run_dir, rep
 

@@ -40,13 +40,8 @@ def make_tiny_checkpoint(path: Path) -> Path:
 def server(tmp_path_factory):
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
     app = create_app(str(ckpt), api_key=KEY, model_name="mateconv-tiny")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, above all on a shared machine
-    try:
-        with BackgroundServer(app) as srv:
-            yield srv
-    finally:
-        torch.set_num_threads(threads)
+    with BackgroundServer(app) as srv:  # one torch thread (tests/conftest.py)
+        yield srv
 
 
 @pytest.fixture()
