@@ -85,12 +85,15 @@ def sample_next(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_logits.softmax(-1)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF draw: one uniform number per row (cheaper on CPU than torch.multinomial); masked tokens
+    # have probability 0, so the search never lands on them
+    cum = logits.softmax(-1).cumsum(-1)
+    u = (1.0 - torch.rand((cum.shape[0], 1), generator=generator, device=cum.device)) * cum[:, -1:]
+    return torch.searchsorted(cum, u).squeeze(-1).clamp_(max=cum.shape[-1] - 1)
 
 
 @torch.inference_mode()

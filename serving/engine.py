@@ -90,20 +90,11 @@ def context_length(model, tokenizer=None) -> int:
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    logits = logits.float()
-    if temperature <= 1e-5:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        cum = sorted_p.cumsum(dim=-1)
-        sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    # inverse-CDF sampling: one uniform number per row (cheaper on CPU than torch.multinomial)
-    cum = probs.cumsum(dim=-1)
-    u = (1.0 - torch.rand((probs.shape[0], 1), generator=generator, device=probs.device)) * cum[:, -1:]
-    return torch.searchsorted(cum, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    """Next token per row: greedy at temperature ~0, else temperature + top-p sampling (the model's sampler)."""
+    from model.generation import sample_next
+
+    return sample_next(logits, temperature=temperature, top_p=top_p, do_sample=temperature > 1e-5,
+                       generator=generator)
 
 
 @torch.no_grad()
