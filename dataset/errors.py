@@ -23,7 +23,7 @@ ON_ERROR_CHOICES = ("raise", "skip")
 class DataError(ValueError):
     """A problem in input data, located by file, line (or token position) and field.
 
-    ``reason`` is a short code used to count skips (``malformed_json``, ``invalid_utf8``,
+    ``reason`` is a short code used to count skips (``malformed_json``, ``invalid_utf8``, ``invalid_unicode``,
     ``missing_field``, ``wrong_type``, ``empty_text``, ``too_long``, ``id_out_of_range``,
     ``fingerprint_mismatch``, ``missing_file``, ...).
     """

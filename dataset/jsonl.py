@@ -53,7 +53,26 @@ def parse_json_line(raw: bytes | str, path, line: int) -> dict:
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=line,
                         reason="wrong_type")
+    if "\\ud" in text or "\\uD" in text:  # only a \u escape can make a lone surrogate: check then
+        _check_surrogates(obj, path, line)
     return obj
+
+
+def _check_surrogates(value, path, line: int, field: str | None = None) -> None:
+    """Raise for a string holding an unpaired surrogate (e.g. ``"\\ud800"``): not encodable, not text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"lone surrogate U+{ord(value[e.start]):04X} at character {e.start} (an unpaired "
+                            f"\\u escape)", file=path, line=line, field=field, reason="invalid_unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_surrogates(k, path, line, field)
+            _check_surrogates(v, path, line, k if field is None else f"{field}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_surrogates(v, path, line, f"{field}[{i}]" if field else f"[{i}]")
 
 
 def iter_jsonl(path, report: Report | None = None) -> Iterator[tuple[int, dict]]:

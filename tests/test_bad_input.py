@@ -40,6 +40,7 @@ BAD_TEXT_LINES = {  # line 2 of a pretraining file -> (expected words in the mes
     "wrong_type": (b'{"text": 42}', "field 'text': expected a string, got int"),
     "empty_text": (b'{"text": "   "}', "field 'text': empty"),
     "invalid_utf8": (b'{"text": "\xe5\xba\x8a\xff\xfe"}', "invalid UTF-8 at byte"),
+    "invalid_unicode": (b'{"text": "\xe5\xba\x8a\\ud800\xe5\x89\x8d"}', "field 'text': lone surrogate U+D800 at character 1"),
 }
 
 
