@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pipeline") / "quick"
-    cmd = [sys.executable, "pipeline.py", "--quick", "--run_dir", str(run_dir), "--data_dir", str(ROOT / "data")]
+    # --force: the run dir is new, so this only makes the data stage run even when an earlier run of
+    # this checkout built data/ (the stage is then checked below like every other)
+    cmd = [sys.executable, "pipeline.py", "--quick", "--force", "--run_dir", str(run_dir), "--data_dir", str(ROOT / "data")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return run_dir, proc.stdout
