@@ -270,13 +270,11 @@ class ChatEncoder:
         enc = self._encode_texts(flat) if flat else []
         out, j = [], 0
         for p in all_pieces:
-            ids, mask = [], []
-            for _, tgt in p:
-                e = enc[j]
-                j += 1
-                ids.extend(e)
-                mask.extend([tgt] * len(e))
-            out.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)))
+            ids = [np.asarray(enc[j + k], dtype=np.int64) for k in range(len(p))]
+            j += len(p)
+            mask = [np.full(len(e), tgt, dtype=bool) for e, (_, tgt) in zip(ids, p)]
+            out.append((np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                        np.concatenate(mask) if mask else np.zeros(0, bool)))
         return out
 
     def encode(self, msgs: list[dict], last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,9 @@ def load_tokenizer(path: str | Path | None = None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+_FINGERPRINTS: dict[str, str] = {}  # the last tokenizer's serialisation -> its fingerprint
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of what decides token ids: the vocabulary, merges, normaliser and special tokens.
 
@@ -28,10 +31,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
-        payload = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+        raw = backend.to_str()
+        if raw not in _FINGERPRINTS:  # stage 3 builds several files with one tokenizer: hash it once
+            spec = json.loads(raw)
+            spec.pop("truncation", None)
+            spec.pop("padding", None)
+            payload = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+            _FINGERPRINTS.clear()
+            _FINGERPRINTS[raw] = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        return _FINGERPRINTS[raw]
     else:  # slow tokenizer: fall back to the vocabulary
         payload = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
