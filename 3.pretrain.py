@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer directory (default: tokenizer/mateconv)")
     ap.add_argument("--out_dir", default="data/pretrain")
     ap.add_argument("--embedded_dir", default="data/embedded")
-    ap.add_argument("--workers", type=int, default=default_workers())
+    ap.add_argument("--workers", type=int, default=default_workers(), help="encoding processes (default: one per core, up to 8)")
     ap.add_argument("--batch_size", type=int, default=1000, help="lines per tokenizer batch call")
     ap.add_argument("--on_error", default="raise", choices=ON_ERROR_CHOICES)
     ap.add_argument("--limit", type=int, default=None, help="at most this many documents per output")
