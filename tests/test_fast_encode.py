@@ -166,3 +166,34 @@ def test_stage3_fast_path_bytes_equal_the_per_line_loop(tmp_path):
     assert data == [i for t in texts for i in [tok.bos_token_id, *tok.encode(t, add_special_tokens=False),
                                                 tok.eos_token_id]]
     assert meta["num_documents"] == len(texts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fuzz_trained_bpes_with_shuffled_merges(seed):
+    """Train a byte-level BPE on random text, then shuffle its merges so many tokens become reachable
+    only by pairs Hugging Face does not list: unguarded tiktoken then differs often; ours never does."""
+    from tokenizers import trainers
+
+    rng = random.Random(seed)
+    alphabet = ["ab", "abc", "abcd", "ab ", "aab鸣", "a'b s"][seed]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.train_from_iterator(
+        ["".join(rng.choice(alphabet) for _ in range(rng.randint(5, 60))) for _ in range(2000)],
+        trainers.BpeTrainer(vocab_size=256 + rng.randint(50, 300), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                            special_tokens=["<s>", "</s>"], show_progress=False))
+    spec = json.loads(backend.to_str())
+    merges = spec["model"]["merges"]
+    for i in range(1, len(merges)):
+        j = max(0, i - rng.randint(1, 20))
+        merges[i], merges[j] = merges[j], merges[i]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>", eos_token="</s>")
+    enc, how = fast_encoder(tok)
+    assert enc is not None, how
+    texts = ["".join(rng.choice(alphabet + "<s>") for _ in range(rng.randint(0, 80))) for _ in range(1500)]
+    want = hf_ids(tok, texts)
+    unguarded = sum(1 for t, w in zip(texts, want)
+                    if "<s>" not in t and [int(enc.rank_to_id[r]) for r in enc.encoding.encode_to_numpy(t)] != w)
+    assert unguarded > 0
+    assert as_lists(enc.encode(texts)) == want
+    assert enc.fallback_docs > 0
