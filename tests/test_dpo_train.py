@@ -150,3 +150,47 @@ def test_original_command_line_parses():
     d = fill_defaults(parse_args(task, []), task, on_cpu=False)
     assert (d.beta, d.kl_coef, d.batch_size, d.grad_clip, d.kl_topk, d.sft_coef) == (0.2, 0.05, 16, 1.0, 0, 0.0)
     assert not d.precompute_ref and not d.length_norm
+
+
+def test_two_process_dpo_matches_one_process(setup):
+    """torchrun with 2 processes (half the per-process batch) gives the 1-process losses and held-out
+    metrics; --precompute_ref splits the reference pass across the processes and gathers it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root, out, paths, common = setup
+    root_dir = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline",
+           "PYTHONPATH": str(root_dir)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = ["--max_steps", "4", "--eval_interval", "2", "--precompute_ref", "--kl_topk", "32"]
+
+    def run(cmd, name, batch):
+        a = _dpo_args(out, paths, common, name, *args)
+        a[a.index("--batch_size") + 1] = batch
+        p = subprocess.run(cmd + ["9.train_dpo.py", *a], cwd=root_dir, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return _records(out / name)
+
+    one = run([sys.executable], "dpo_one", "8")
+    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port],
+              "dpo_two", "4")
+    assert "precomputed" in (out / "dpo_two" / "train.log").read_text()
+    assert "on 2 processes" in (out / "dpo_two" / "train.log").read_text()
+    train_one = [r for r in one if "loss" in r and "rewards/margins" in r]
+    train_two = [r for r in two if "loss" in r and "rewards/margins" in r]
+    assert len(train_one) == len(train_two) == 4
+    for a, b in zip(train_one, train_two):
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "kl", "logps/chosen"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a, b)
+    eval_one = [r for r in one if "pairs/reward_accuracy" in r]
+    eval_two = [r for r in two if "pairs/reward_accuracy" in r]
+    assert [r["step"] for r in eval_one] == [r["step"] for r in eval_two] == [0, 2, 4]
+    for a, b in zip(eval_one, eval_two):
+        for k in ("pairs/reward_accuracy", "pairs/rewards/margins", "pairs/kl"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a, b)

@@ -46,7 +46,7 @@ other stages (one policy forward per micro-batch, chosen and rejected answers in
 - live reference (default): a frozen copy of the SFT model runs next to the policy on every training
   batch. The held-out pairs' reference values are always computed once at the start (they are fixed).
 - ``--precompute_ref``: before training, the reference log-probabilities of every train and eval pair
-  are computed once (one pass, no gradients; every process computes them all) and the reference
+  are computed once (one pass, no gradients, split across the processes and gathered) and the reference
   model is freed. The KL term needs the
   reference's full next-token distribution on the chosen answers, which is too large to store, so:
 
@@ -276,8 +276,17 @@ class RefStore:
 @torch.no_grad()
 def precompute_reference(ref_model, dataset, collate, *, batch_size: int, device, topk: int = 0,
                          autocast=None) -> RefStore:
-    """One no-grad pass of the reference over ``dataset`` (in order): a :class:`RefStore`."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    """One no-grad pass of the reference over ``dataset`` (in order): a :class:`RefStore`.
+
+    Under torchrun / DeepSpeed each process computes a contiguous 1/world of the items and the parts
+    are gathered, so every process ends with the same full store for 1/world of the compute.
+    """
+    from . import distributed
+
+    world, rank = distributed.world_size(), distributed.rank()
+    per = -(-len(dataset) // world)
+    mine = torch.utils.data.Subset(dataset, range(min(len(dataset), rank * per), min(len(dataset), (rank + 1) * per)))
+    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, collate_fn=collate)
     chosen, rejected, ids_l, logq_l, rest_l, counts = [], [], [], [], [], []
     was_training = ref_model.training
     ref_model.eval()
@@ -298,6 +307,11 @@ def precompute_reference(ref_model, dataset, collate, *, batch_size: int, device
             rest_l.append(rest.cpu())
             counts.append(mask.sum(-1).cpu())
     ref_model.train(was_training)
+    parts = [chosen, rejected, ids_l, logq_l, rest_l, counts]
+    if world > 1:  # rank order == item order: concatenating the gathered parts restores the dataset order
+        gathered = distributed.all_gather_objects(parts)
+        parts = [[t for part in gathered for t in part[k]] for k in range(len(parts))]
+    chosen, rejected, ids_l, logq_l, rest_l, counts = parts
     store = RefStore(torch.cat(chosen), torch.cat(rejected))
     if topk:
         n = torch.cat(counts)
@@ -647,6 +661,8 @@ class DPOTask(Task):
     def on_train_start(self, trainer) -> None:
         import time
 
+        from . import distributed as dist_utils
+
         a = trainer.args
         ref = self.load_reference(trainer)
         # the held-out pairs are fixed: their reference values are always computed once; the training
@@ -663,6 +679,7 @@ class DPOTask(Task):
         if datasets:
             trainer.log(f"dpo: reference log-probabilities of {sum(len(d) for d in datasets.values())} pairs "
                         f"({'train + ' if a.precompute_ref else ''}held-out) precomputed in {time.time() - t0:.1f}s"
+                        + (f" on {dist_utils.world_size()} processes" if dist_utils.world_size() > 1 else "")
                         + (f" (+ top-{a.kl_topk} reference distribution per chosen token)" if a.kl_topk else ""))
         if a.precompute_ref:
             trainer.log("dpo: reference model " + ("kept for the exact KL (--kl_topk K frees it)" if keep
