@@ -4,7 +4,8 @@ Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completi
 ``temperature``, ``top_p``, ``max_tokens`` / ``max_completion_tokens``, ``n``, ``stop``, ``seed``,
 ``stream`` with ``stream_options.include_usage``), ``GET /health``.
 
-Requests are generated one at a time by a single worker thread (others queue). Errors use the
+One worker thread generates; requests that arrive while a batch runs are batched together into the
+next one (``max_batch_rows`` rows, see ``serving/batching.py``). Errors use the
 OpenAI body ``{"error": {"message", "type", "param", "code"}}``. With ``api_key`` set, every ``/v1``
 call needs ``Authorization: Bearer <key>``. Any ``model`` name is accepted (one model is served) and
 the served name is echoed back.
@@ -18,7 +19,6 @@ import hmac
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from threading import Event
 
@@ -27,7 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import VALID_ROLES, Engine
+from .batching import Batcher
+from .engine import VALID_ROLES, Engine, Job
 
 MAX_N = 16
 MAX_STOP = 4
@@ -140,10 +141,11 @@ def parse_chat_request(body, engine: Engine) -> dict:
 
 
 def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, model_name: str | None = None,
-               *, device: str = "cpu", max_context: int | None = None) -> FastAPI:
+               *, device: str = "cpu", max_context: int | None = None, max_batch_rows: int = 32) -> FastAPI:
     """Build the app. ``model_dir_or_model``: a checkpoint directory, a loaded model or an :class:`Engine`.
 
     ``tokenizer``: a tokenizer object or directory (default: the checkpoint's own, else the project's).
+    ``max_batch_rows``: most answers sampled together (a request with ``n`` answers counts ``n``).
     """
     if isinstance(model_dir_or_model, Engine):
         engine = model_dir_or_model
@@ -161,17 +163,17 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
     if model_name:
         engine.model_name = model_name
 
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mateconv-gen")
+    batcher = Batcher(engine, max_batch_rows)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
-        executor.shutdown(wait=False, cancel_futures=True)
+        batcher.close()
 
     app = FastAPI(title="MateConv OpenAI-compatible API", lifespan=lifespan)
     app.state.engine = engine
-    app.state.executor = executor
+    app.state.batcher = batcher
 
     @app.exception_handler(APIError)
     async def _api_error(_req, e: APIError):
@@ -233,8 +235,7 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
         gen_kwargs = {k: args[k] for k in ("n", "max_tokens", "temperature", "top_p", "stop", "seed")}
 
         if not args["stream"]:
-            comps = await loop.run_in_executor(
-                executor, lambda: engine.generate([args["prompt_ids"]], **gen_kwargs)[0])
+            comps = (await asyncio.wrap_future(batcher.submit(Job([args["prompt_ids"]], **gen_kwargs))))[0]
             ctoks = sum(c.completion_tokens for c in comps)
             return {
                 "id": cid, "object": "chat.completion", "created": now, "model": engine.model_name,
@@ -250,12 +251,12 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
         def on_delta(r: int, text: str):
             loop.call_soon_threadsafe(queue.put_nowait, ("delta", r, text))
 
-        def work():
-            try:
-                comps = engine.generate([args["prompt_ids"]], on_delta=on_delta, cancel=cancel, **gen_kwargs)[0]
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", comps, None))
-            except Exception as e:  # reported in the stream
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e, None))
+        def finished(fut):
+            if fut.cancelled():
+                return
+            e = fut.exception()
+            with contextlib.suppress(RuntimeError):  # the event loop may be gone (client left, shutdown)
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e, None) if e else ("done", fut.result()[0], None))
 
         def chunk(choices, usage=None):
             d = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": engine.model_name,
@@ -265,7 +266,8 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
             return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
 
         async def events():
-            fut = loop.run_in_executor(executor, work)
+            fut = batcher.submit(Job([args["prompt_ids"]], on_delta=on_delta, cancel=cancel, **gen_kwargs))
+            fut.add_done_callback(finished)
             try:
                 for j in range(n):
                     yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""},
@@ -291,7 +293,7 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
                 yield "data: [DONE]\n\n"
             finally:
                 cancel.set()  # client gone or stream finished: stop sampling
-                fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+                fut.cancel()  # if it has not started yet
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 / float16 (default: as saved)")
     p.add_argument("--max_context", type=int, default=None,
                    help="context window in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--max_batch", type=int, default=32,
+                   help="most answers sampled together: concurrent requests are batched up to this many rows "
+                        "(a request with n answers counts n) [32]")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--log_level", default="info")
     return p
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     engine = Engine.from_dir(args.model, args.tokenizer, args.model_name, device=args.device, dtype=args.dtype,
                              max_context=args.max_context)
-    app = create_app(engine, api_key=api_key)
+    app = create_app(engine, api_key=api_key, max_batch_rows=args.max_batch)
     print(f"serving {engine.model_name!r} (context {engine.max_context}) on http://{args.host}:{args.port}/v1"
           f" (auth: {'bearer key' if api_key else 'none'})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -97,6 +97,17 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
                        generator=generator)
 
 
+@dataclass
+class SamplingGroup:
+    """Rows that share sampling settings and one random stream (one request)."""
+
+    rows: Sequence[int]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    cancel: threading.Event | None = None  # set: the group's unfinished rows stop (reason "cancelled")
+
+
 @torch.no_grad()
 def sample_tokens(
     model,
@@ -108,14 +119,19 @@ def sample_tokens(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    groups: Sequence[SamplingGroup] | None = None,
     on_token: Callable[[int, int], bool] | None = None,
     cancel: threading.Event | None = None,
 ) -> tuple[list[list[int]], list[str]]:
     """Sample continuations for a batch of token-id prompts (left padded, one KV cache).
 
-    ``on_token(row, token_id)`` is called for each new non-end token; returning True stops that row
-    (finish reason ``"stop"``). Returns the new token ids per row (end token excluded) and the finish
-    reasons (``"stop"`` on an end token or a stop request, ``"length"`` at ``max_new_tokens``).
+    ``groups`` split the rows by request (default: one group of all rows with ``temperature``,
+    ``top_p``, ``generator``). Each step a group draws only for its unfinished rows, in row order,
+    from its own generator, so a seeded request samples the same tokens whatever else shares the
+    batch. ``on_token(row, token_id)`` is called for each new non-end token; returning True stops
+    that row (finish reason ``"stop"``). Returns the new token ids per row (end token excluded) and
+    the finish reasons (``"stop"`` on an end token or a stop request, ``"length"`` at
+    ``max_new_tokens``, ``"cancelled"`` when the row's group was cancelled).
     """
     device = next(model.parameters()).device
     b = len(prompts)
@@ -123,6 +139,12 @@ def sample_tokens(
         max_new = [max_new_tokens] * b
     else:
         max_new = list(max_new_tokens)
+    if groups is None:
+        groups = [SamplingGroup(range(b), temperature, top_p, generator)]
+    group_of = [0] * b
+    for g, grp in enumerate(groups):
+        for i in grp.rows:
+            group_of[i] = g
     width = max(len(p) for p in prompts)
     input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
@@ -146,7 +168,23 @@ def sample_tokens(
     active = list(range(b))  # batch position -> row; finished rows are dropped from the batch
     can_compact = hasattr(past, "batch_select_indices")
     for _ in range(max(max_new)):
-        tok_list = _pick(logits, temperature, top_p, generator).tolist()
+        for grp in groups:
+            if grp.cancel is not None and grp.cancel.is_set():
+                for i in grp.rows:
+                    if not done[i]:
+                        done[i], reasons[i] = True, "cancelled"
+        if all(done):
+            break
+        by_group: dict[int, list[int]] = {}
+        for pos, i in enumerate(active):
+            if not done[i]:
+                by_group.setdefault(group_of[i], []).append(pos)
+        tok_list = [pad_token_id] * len(active)
+        for g, positions in by_group.items():
+            grp = groups[g]
+            rows_logits = logits if len(positions) == len(active) else logits[positions]
+            for pos, t in zip(positions, _pick(rows_logits, grp.temperature, grp.top_p, grp.generator).tolist()):
+                tok_list[pos] = t
         for pos, t in enumerate(tok_list):
             i = active[pos]
             if done[i]:
@@ -240,6 +278,24 @@ class Completion:
     completion_tokens: int
 
 
+@dataclass
+class Job:
+    """One request: ``n`` samples of each prompt with its own settings, stop strings and random stream.
+
+    ``on_delta(row, text)`` (row = prompt_index * n + j) gets text as it becomes final; setting
+    ``cancel`` stops the job's rows at the next step."""
+
+    prompts: Sequence[Sequence[int]]
+    n: int = 1
+    max_tokens: int | Sequence[int] = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    on_delta: Callable[[int, str], None] | None = None
+    cancel: threading.Event | None = None
+
+
 class Engine:
     """One model + tokenizer: chat formatting, validation helpers and batched sampling (thread-safe)."""
 
@@ -304,41 +360,63 @@ class Engine:
         ``max_tokens`` is per prompt (int or list) and is clipped to the context window.
         Returns ``completions[prompt_index][j]``.
         """
-        if isinstance(max_tokens, int):
-            max_tokens = [max_tokens] * len(prompts)
-        rows, row_max = [], []
-        for p, m in zip(prompts, max_tokens):
-            for _ in range(n):
-                rows.append(list(p))
-                row_max.append(max(0, min(int(m), self.max_context - len(p))))
-        texts = [_RowText(self.tokenizer, stop) for _ in rows]
+        job = Job(prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                  seed=seed, on_delta=on_delta, cancel=cancel)
+        return self.generate_jobs([job])[0]
+
+    def generate_jobs(self, jobs: Sequence[Job]) -> list[list[list[Completion]]]:
+        """Run several requests as one batch (one forward per step for all their rows).
+
+        Each job keeps its own settings, stop strings, callbacks and random stream: a seeded job gets
+        the same answers alone or batched with others. Returns ``completions[prompt_index][j]`` per job.
+        """
+        rows, row_max, groups, texts, owner, live = [], [], [], [], [], []
+        device = next(self.model.parameters()).device
+        for k, job in enumerate(jobs):
+            limits = [job.max_tokens] * len(job.prompts) if isinstance(job.max_tokens, int) else job.max_tokens
+            first = len(rows)
+            for p, m in zip(job.prompts, limits):
+                for _ in range(job.n):
+                    owner.append((k, len(rows) - first))
+                    rows.append(list(p))
+                    row_max.append(max(0, min(int(m), self.max_context - len(p))))
+                    texts.append(_RowText(self.tokenizer, job.stop))
+            gen = None
+            if job.temperature > 1e-5:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(int(job.seed) if job.seed is not None else int(torch.seed() % (2**63)))
+            groups.append(SamplingGroup(range(first, len(rows)), job.temperature, job.top_p, gen, job.cancel))
+            live.append(job.on_delta is not None or any(job.stop))  # decode as we go (else once at the end)
 
         def on_token(r: int, t: int) -> bool:
+            k, local = owner[r]
+            if not live[k]:
+                return False
             delta, hit = texts[r].add(t)
-            if delta and on_delta is not None:
-                on_delta(r, delta)
+            if delta and jobs[k].on_delta is not None:
+                try:
+                    jobs[k].on_delta(local, delta)
+                except Exception:  # a broken callback stops its own rows, not the batch
+                    live[k] = False
+                    return True
             return hit
 
-        gen = None
-        if temperature > 1e-5:
-            gen = torch.Generator(device=next(self.model.parameters()).device)
-            gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
-        incremental = on_delta is not None or any(stop)
+        if not rows:
+            return [[] for _ in jobs]
         with self._lock:
-            ids, reasons = sample_tokens(
-                self.model, rows, row_max, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
-                temperature=temperature, top_p=top_p, generator=gen, on_token=on_token if incremental else None,
-                cancel=cancel)
-        if not incremental:  # decode once at the end
-            for r, row_ids in enumerate(ids):
+            ids, reasons = sample_tokens(self.model, rows, row_max, eos_token_ids=self.eos_token_ids,
+                                         pad_token_id=self.pad_token_id, groups=groups, on_token=on_token)
+        results: list[list[list[Completion]]] = [[] for _ in jobs]
+        for r, (row_ids, reason) in enumerate(zip(ids, reasons)):
+            k, local = owner[r]
+            job = jobs[k]
+            if not (job.on_delta is not None or any(job.stop)):
                 texts[r].ids = list(row_ids)
                 texts[r].text = texts[r]._decode()
-        result: list[list[Completion]] = []
-        for r, (row_ids, reason) in enumerate(zip(ids, reasons)):
             delta = texts[r].finish()
-            if delta and on_delta is not None:
-                on_delta(r, delta)
-            if r % n == 0:
-                result.append([])
-            result[-1].append(Completion(texts[r].text, reason, len(row_ids)))
-        return result
+            if delta and job.on_delta is not None and live[k]:
+                job.on_delta(local, delta)
+            if local % job.n == 0:
+                results[k].append([])
+            results[k][-1].append(Completion(texts[r].text, reason, len(row_ids)))
+        return results

@@ -180,3 +180,61 @@ def test_concurrent_requests(client):
         t.join(timeout=120)
     assert not errors
     assert sorted(i for i, _ in results) == list(range(8))
+    # the same seeded requests one by one: the same answers, whatever batches the concurrent ones shared
+    for i, text in results:
+        kw = dict(model="x", messages=[{"role": "user", "content": f"第{i}个问题"}], max_tokens=8, seed=i)
+        assert client.chat.completions.create(**kw).choices[0].message.content == text
+
+
+def test_waiting_requests_are_batched_and_seeded_answers_do_not_change(tmp_path):
+    """Jobs queued while the model is busy run as one batch; each seeded job gets its solo answer."""
+    from serving.batching import Batcher
+    from serving.engine import Engine, Job
+
+    engine = Engine.from_dir(make_tiny_checkpoint(tmp_path / "ckpt"))
+    prompt = engine.encode_chat(MSGS)
+    other = engine.encode_chat([{"role": "user", "content": "你好"}])
+    specs = [dict(prompts=[prompt], n=2, max_tokens=10, temperature=0.9, seed=1),
+             dict(prompts=[other], n=1, max_tokens=6, temperature=0.7, top_p=0.8, seed=2),
+             dict(prompts=[prompt], n=1, max_tokens=12, temperature=0, stop=["的"]),
+             dict(prompts=[other, prompt], n=3, max_tokens=8, temperature=1.2, seed=3),
+             dict(prompts=[prompt], n=1, max_tokens=1, temperature=0.5, seed=4)]
+    solo = [engine.generate_jobs([Job(**s)])[0] for s in specs]
+    batcher = Batcher(engine, max_batch_rows=32)
+    deltas: dict[int, str] = {}
+    try:
+        with engine._lock:  # the model is busy: every job below has to wait
+            futs = [batcher.submit(Job(**s)) for s in specs[:1]]
+            while batcher.batches < 1:  # the first job has been taken and waits for the model
+                threading.Event().wait(0.01)
+            streamed = Job(**specs[1], on_delta=lambda r, t: deltas.__setitem__(r, deltas.get(r, "") + t))
+            futs += [batcher.submit(streamed)] + [batcher.submit(Job(**s)) for s in specs[2:]]
+        got = [f.result(timeout=120) for f in futs]
+    finally:
+        batcher.close()
+    assert batcher.batches == 2 and batcher.largest_batch == 1 + 1 + 6 + 1  # job 1 alone, then the rest
+    assert [[[c.text for c in p] for p in r] for r in got] == [[[c.text for c in p] for p in r] for r in solo]
+    assert [[[c.finish_reason for c in p] for p in r] for r in got] == \
+           [[[c.finish_reason for c in p] for p in r] for r in solo]
+    assert deltas.get(0, "") == solo[1][0][0].text  # streaming inside a batch
+
+
+def test_batches_respect_the_row_limit(tmp_path):
+    from serving.batching import Batcher
+    from serving.engine import Engine, Job
+
+    engine = Engine.from_dir(make_tiny_checkpoint(tmp_path / "ckpt"))
+    prompt = engine.encode_chat(MSGS)
+    batcher = Batcher(engine, max_batch_rows=4)
+    try:
+        with engine._lock:
+            futs = [batcher.submit(Job([prompt], n=3, max_tokens=2, temperature=0))]
+            while batcher.batches < 1:
+                threading.Event().wait(0.01)
+            futs += [batcher.submit(Job([prompt], n=n, max_tokens=2, temperature=0)) for n in (3, 1, 6, 2)]
+        for f in futs:
+            f.result(timeout=120)
+    finally:
+        batcher.close()
+    # [3] alone, then [3, 1] (4 rows), then [6] alone (over the limit by itself), then [2]
+    assert batcher.batches == 4 and batcher.largest_batch == 6
