@@ -3,7 +3,8 @@
 One worker thread owns the model. It takes the first waiting request, adds every other waiting
 request while the batch stays within ``max_batch_rows`` rows (a request has ``n`` rows), and runs
 them as one :meth:`Engine.generate_jobs` call: one forward pass per step for all of them, each with its
-own settings, stop strings, stream and seed (a seeded request gets the same answer alone or batched).
+own settings, stop strings, stream and seed (a seeded request draws the same random numbers alone or
+batched; its answers are identical unless the batch shape changes the logits' rounding, as GPU kernels may).
 A request that would overflow the batch waits for the next one; a single request larger than the
 limit runs alone. This is static batching: a batch finishes before the next one starts.
 """

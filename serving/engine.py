@@ -367,8 +367,8 @@ class Engine:
     def generate_jobs(self, jobs: Sequence[Job]) -> list[list[list[Completion]]]:
         """Run several requests as one batch (one forward per step for all their rows).
 
-        Each job keeps its own settings, stop strings, callbacks and random stream: a seeded job gets
-        the same answers alone or batched with others. Returns ``completions[prompt_index][j]`` per job.
+        Each job keeps its own settings, stop strings, callbacks and random stream: a seeded job draws
+        the same random numbers alone or batched with others (same answers up to the logits' rounding). Returns ``completions[prompt_index][j]`` per job.
         """
         rows, row_max, groups, texts, owner, live = [], [], [], [], [], []
         device = next(self.model.parameters()).device
