@@ -228,8 +228,9 @@ def _build(tokenizer, backend) -> tuple[FastEncoder | None, str]:
     dangerous = twice | (ambiguous & isolated_bad)
     shortcut_bad = set() if model.get("ignore_merges") else isolated_bad  # with it, HF shortcuts as tiktoken
     suspect = np.zeros(len(rank_to_id), dtype=bool)
+    sizes = sorted({len(d) for d in dangerous})  # look up t's substrings (cheap for any number of them)
     for t, r in ranks.items():
-        if t in shortcut_bad or any(d in t for d in dangerous):
+        if t in shortcut_bad or any(t[i:i + n] in dangerous for n in sizes for i in range(len(t) - n + 1)):
             suspect[r] = True
 
     added_tokens = spec.get("added_tokens") or []
