@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import Batcher
+from .batching import DEFAULT_MAX_BATCH_ROWS, Batcher
 from .engine import VALID_ROLES, Engine, Job
 
 MAX_N = 16
@@ -141,7 +141,8 @@ def parse_chat_request(body, engine: Engine) -> dict:
 
 
 def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, model_name: str | None = None,
-               *, device: str = "cpu", max_context: int | None = None, max_batch_rows: int = 32) -> FastAPI:
+               *, device: str = "cpu", max_context: int | None = None,
+               max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> FastAPI:
     """Build the app. ``model_dir_or_model``: a checkpoint directory, a loaded model or an :class:`Engine`.
 
     ``tokenizer``: a tokenizer object or directory (default: the checkpoint's own, else the project's).

@@ -17,9 +17,11 @@ from concurrent.futures import Future
 
 from .engine import Engine, Job
 
+DEFAULT_MAX_BATCH_ROWS = 32
+
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_rows: int = 32):
+    def __init__(self, engine: Engine, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
         self.engine = engine

@@ -9,6 +9,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batching import DEFAULT_MAX_BATCH_ROWS
+
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     p.add_argument("--model", required=True, help="checkpoint directory (MateConv or any HF causal LM)")
     p.add_argument("--tokenizer", default=None,
@@ -22,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 / float16 (default: as saved)")
     p.add_argument("--max_context", type=int, default=None,
                    help="context window in tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--max_batch", type=int, default=32,
+    p.add_argument("--max_batch", type=int, default=DEFAULT_MAX_BATCH_ROWS,
                    help="most answers sampled together: concurrent requests are batched up to this many rows "
-                        "(a request with n answers counts n) [32]")
+                        f"(a request with n answers counts n) [{DEFAULT_MAX_BATCH_ROWS}]")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--log_level", default="info")
     return p

@@ -113,20 +113,16 @@ def sample_tokens(
     model,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int | Sequence[int],
+    groups: Sequence[SamplingGroup],
     *,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    groups: Sequence[SamplingGroup] | None = None,
     on_token: Callable[[int, int], bool] | None = None,
-    cancel: threading.Event | None = None,
 ) -> tuple[list[list[int]], list[str]]:
     """Sample continuations for a batch of token-id prompts (left padded, one KV cache).
 
-    ``groups`` split the rows by request (default: one group of all rows with ``temperature``,
-    ``top_p``, ``generator``). Each step a group draws only for its unfinished rows, in row order,
+    ``groups`` split the rows by request (each row in exactly one). Each step a group draws only for
+    its unfinished rows, in row order,
     from its own generator, so a seeded request samples the same tokens whatever else shares the
     batch. ``on_token(row, token_id)`` is called for each new non-end token; returning True stops
     that row (finish reason ``"stop"``). Returns the new token ids per row (end token excluded) and
@@ -139,8 +135,6 @@ def sample_tokens(
         max_new = [max_new_tokens] * b
     else:
         max_new = list(max_new_tokens)
-    if groups is None:
-        groups = [SamplingGroup(range(b), temperature, top_p, generator)]
     group_of = [0] * b
     for g, grp in enumerate(groups):
         for i in grp.rows:
@@ -197,7 +191,7 @@ def sample_tokens(
                 done[i], reasons[i] = True, "stop"
             elif len(outs[i]) >= max_new[i]:
                 done[i], reasons[i] = True, "length"
-        if all(done) or (cancel is not None and cancel.is_set()):
+        if all(done):
             break
         n_done = sum(done[i] for i in active)
         if can_compact and n_done and n_done * 8 >= len(active):  # drop finished rows (copies the cache once)
@@ -368,9 +362,10 @@ class Engine:
         """Run several requests as one batch (one forward per step for all their rows).
 
         Each job keeps its own settings, stop strings, callbacks and random stream: a seeded job draws
-        the same random numbers alone or batched with others (same answers up to the logits' rounding). Returns ``completions[prompt_index][j]`` per job.
+        the same random numbers alone or batched with others (same answers up to the logits' rounding).
+        Returns ``completions[prompt_index][j]`` per job.
         """
-        rows, row_max, groups, texts, owner, live = [], [], [], [], [], []
+        rows, row_max, groups, texts, owner, incremental = [], [], [], [], [], []
         device = next(self.model.parameters()).device
         for k, job in enumerate(jobs):
             limits = [job.max_tokens] * len(job.prompts) if isinstance(job.max_tokens, int) else job.max_tokens
@@ -386,35 +381,38 @@ class Engine:
                 gen = torch.Generator(device=device)
                 gen.manual_seed(int(job.seed) if job.seed is not None else int(torch.seed() % (2**63)))
             groups.append(SamplingGroup(range(first, len(rows)), job.temperature, job.top_p, gen, job.cancel))
-            live.append(job.on_delta is not None or any(job.stop))  # decode as we go (else once at the end)
+            incremental.append(job.on_delta is not None or any(job.stop))  # decode as we go, else once at the end
+        broken: set[int] = set()  # jobs whose callback raised: their rows stop, the batch goes on
 
         def on_token(r: int, t: int) -> bool:
             k, local = owner[r]
-            if not live[k]:
+            if k in broken:
+                return True
+            if not incremental[k]:
                 return False
             delta, hit = texts[r].add(t)
             if delta and jobs[k].on_delta is not None:
                 try:
                     jobs[k].on_delta(local, delta)
-                except Exception:  # a broken callback stops its own rows, not the batch
-                    live[k] = False
+                except Exception:
+                    broken.add(k)
                     return True
             return hit
 
         if not rows:
             return [[] for _ in jobs]
         with self._lock:
-            ids, reasons = sample_tokens(self.model, rows, row_max, eos_token_ids=self.eos_token_ids,
-                                         pad_token_id=self.pad_token_id, groups=groups, on_token=on_token)
+            ids, reasons = sample_tokens(self.model, rows, row_max, groups, eos_token_ids=self.eos_token_ids,
+                                         pad_token_id=self.pad_token_id, on_token=on_token)
         results: list[list[list[Completion]]] = [[] for _ in jobs]
         for r, (row_ids, reason) in enumerate(zip(ids, reasons)):
             k, local = owner[r]
             job = jobs[k]
-            if not (job.on_delta is not None or any(job.stop)):
+            if not incremental[k]:
                 texts[r].ids = list(row_ids)
                 texts[r].text = texts[r]._decode()
             delta = texts[r].finish()
-            if delta and job.on_delta is not None and live[k]:
+            if delta and job.on_delta is not None and k not in broken:
                 job.on_delta(local, delta)
             if local % job.n == 0:
                 results[k].append([])
