@@ -4,8 +4,8 @@ against a per-line ``tokenizer.encode`` loop on the same input, measured in one 
     python benchmarks/bench_build_bin.py --docs 20000 --workers 2 --batch_size 1000
 
 Both paths get the loaded tokenizer; stage 3's time includes starting the worker processes and,
-in its first run, analysing the tokenizer for the exact tiktoken path (``tokenizer/fast_encode.py``). Both paths read and
-parse the same JSONL file and produce ``bos ids eos`` per document; the
+in its first run, analysing the tokenizer for the exact tiktoken path (``tokenizer/fast_encode.py``).
+Both paths read and parse the same JSONL file and produce ``bos ids eos`` per document; the
 benchmark checks that they produce identical token streams, then prints both speeds and the ratio.
 Input: the embedded pretraining split when available, else documents assembled (fixed seed) from
 the Chinese sentences of tests/data.

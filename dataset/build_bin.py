@@ -195,7 +195,7 @@ def build_bin(inputs, output, tokenizer=None, *, workers: int = 1, batch_size: i
     max_id = -1
     done = 0
     with atomic_open(output, "wb", encoding=None) as f:
-        # workers are forked: they inherit the loaded tokenizer instead of loading it again
+        # the encoders are built once here; forked workers inherit them
         for blob, n_docs, top, errors in ordered_map(encode_batch, feed(), workers, initializer=_init_worker,
                                                        initargs=(_encoders(tok, log), bos, eos, workers > 1)):
             report.seen += n_docs + len(errors)

@@ -71,12 +71,12 @@ class FastEncoder:
                  added: dict[str, int]):
         self.backend = backend  # a private tokenizers.Tokenizer (no truncation/padding) for re-encoding
         self.encoding = tiktoken_encoding
-        self.has_suspects = bool(suspect.any())  # bool per rank
+        self.has_suspects = bool(suspect.any())
         # added tokens get ranks after the merged tokens; the longest match wins, as in Hugging Face
         n = len(rank_to_id)
         self.added_rank = {text: np.asarray([n + k], dtype=np.uint32) for k, text in enumerate(added)}
         self.rank_to_id = np.concatenate([rank_to_id, np.asarray(list(added.values()), dtype=np.int64)])
-        self.suspect = np.concatenate([suspect, np.zeros(len(added), dtype=bool)])
+        self.suspect = np.concatenate([suspect, np.zeros(len(added), dtype=bool)])  # bool per rank
         self.added_re = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
         self.fallback_docs = 0  # documents re-encoded by Hugging Face (counted for the curious)
         self._extra: dict[int, int] = {}  # token id -> pseudo rank, for ids framing packed documents
@@ -172,27 +172,27 @@ def fast_encoder(tokenizer) -> tuple[FastEncoder | None, str]:
     key = (backend.to_str(), bool(getattr(tokenizer, "split_special_tokens", False)))
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = _build(tokenizer, backend)
+        _CACHE[key] = _build(*key)
     return _CACHE[key]
 
 
-def _build(tokenizer, backend) -> tuple[FastEncoder | None, str]:
+def _build(serialized: str, split_special_tokens: bool) -> tuple[FastEncoder | None, str]:
     try:
         import tiktoken
     except ImportError:
         return None, "tiktoken is not installed"
     from tokenizers import Tokenizer
 
-    spec = json.loads(backend.to_str())
+    spec = json.loads(serialized)
     why = _bpe_spec(spec)
     if why:
         return None, why
     model = spec["model"]
     vocab: dict[str, int] = model["vocab"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    u2b = {c: b for b, c in bytes_to_unicode().items()}
-    to_bytes = {tok: bytes(u2b[c] for c in tok) for tok in vocab if all(c in u2b for c in tok)}
     byte_chars = bytes_to_unicode()
+    u2b = {c: b for b, c in byte_chars.items()}
+    to_bytes = {tok: bytes(u2b[c] for c in tok) for tok in vocab if all(c in u2b for c in tok)}
     if any(byte_chars[b] not in vocab for b in range(256)):
         return None, "not every byte is in the vocabulary"
 
@@ -215,9 +215,7 @@ def _build(tokenizer, backend) -> tuple[FastEncoder | None, str]:
         id_of[t] = vocab[a + b]
         rank_to_id.append(id_of[t])
     # Hugging Face's merges (without the ignore_merges shortcut) on each token's own bytes
-    check_spec = json.loads(backend.to_str())
-    check_spec["model"]["ignore_merges"] = False
-    bpe = Tokenizer.from_str(json.dumps(check_spec)).model
+    bpe = Tokenizer.from_str(json.dumps({**spec, "model": {**model, "ignore_merges": False}})).model
     isolated_bad = {t for t in made_by
                     if [tok.id for tok in bpe.tokenize("".join(byte_chars[b] for b in t))] != [id_of[t]]}
     ambiguous = {t for t, pair in made_by.items()
@@ -236,12 +234,12 @@ def _build(tokenizer, backend) -> tuple[FastEncoder | None, str]:
     added_tokens = spec.get("added_tokens") or []
     if any(not a.get("special") or a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added_tokens):
         return None, "it has non-special added tokens or added tokens with lstrip/rstrip/single_word"
-    if getattr(tokenizer, "split_special_tokens", False):
+    if split_special_tokens:
         return None, "split_special_tokens is on"
     added = {a["content"]: a["id"] for a in added_tokens if a.get("content")}
     encoding = tiktoken.Encoding("mateconv_fast_encode", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
                                  special_tokens={})
-    private = Tokenizer.from_str(backend.to_str())
+    private = Tokenizer.from_str(serialized)
     private.no_truncation()
     private.no_padding()
     enc = FastEncoder(private, encoding, np.asarray(rank_to_id, dtype=np.int64), suspect, added)
