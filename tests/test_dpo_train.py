@@ -155,31 +155,19 @@ def test_original_command_line_parses():
 def test_two_process_dpo_matches_one_process(setup):
     """torchrun with 2 processes (half the per-process batch) gives the 1-process losses and held-out
     metrics; --precompute_ref splits the reference pass across the processes and gathers it."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from launchers import launch_cmd, run_ok
 
     root, out, paths, common = setup
-    root_dir = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline",
-           "PYTHONPATH": str(root_dir)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     args = ["--max_steps", "4", "--eval_interval", "2", "--precompute_ref", "--kl_topk", "32"]
 
-    def run(cmd, name, batch):
+    def run(mode, name, batch):
         a = _dpo_args(out, paths, common, name, *args)
         a[a.index("--batch_size") + 1] = batch
-        p = subprocess.run(cmd + ["9.train_dpo.py", *a], cwd=root_dir, env=env, capture_output=True, text=True,
-                           timeout=600)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        run_ok(launch_cmd(mode, "9.train_dpo.py") + a)
         return _records(out / name)
 
-    one = run([sys.executable], "dpo_one", "8")
-    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port],
-              "dpo_two", "4")
+    one = run("plain", "dpo_one", "8")
+    two = run("torchrun", "dpo_two", "4")
     assert "precomputed" in (out / "dpo_two" / "train.log").read_text()
     assert "on 2 processes" in (out / "dpo_two" / "train.log").read_text()
     train_one = [r for r in one if "loss" in r and "rewards/margins" in r]

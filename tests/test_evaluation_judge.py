@@ -6,14 +6,13 @@ verdict parsing, tie handling and counting of unusable replies."""
 from __future__ import annotations
 
 import re
-import socket
-import threading
-import time
 
 import pytest
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
+
+from launchers import free_port  # noqa: E402
 
 from evaluation.judge import judge_win_rate, parse_verdict  # noqa: E402
 from evaluation.metrics import rouge_l  # noqa: E402
@@ -48,20 +47,11 @@ def _app():
 
 @pytest.fixture(scope="module")
 def server():
+    from serving.background import BackgroundServer
+
     app, calls = _app()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", calls
-    srv.should_exit = True
-    th.join(timeout=5)
+    with BackgroundServer(app, log_level="error") as srv:
+        yield srv.url + "/v1", calls
 
 
 def _recs(preds, refs, prompts=None):
@@ -99,9 +89,7 @@ def test_judge_win_rate_over_http(server):
 
 
 def test_judge_unreachable_endpoint_counts_failures():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     r = judge_win_rate(_recs(["a"], ["a"]), _recs(["b"], ["a"]), f"http://127.0.0.1:{port}/v1", "m",
                        api_key="x", timeout=2.0, max_retries=0)
     assert r["n_failed"] == 1 and r["n_judged"] == 0 and "win_rate" not in r

@@ -12,11 +12,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from launchers import launch_cmd, run_ok, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
@@ -24,18 +24,6 @@ TOKENIZER = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
 pytestmark = pytest.mark.slow
 
 STEPS = 40
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mateconv-torch-extensions"))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["WANDB_MODE"] = env.get("WANDB_MODE", "offline")
-    env.pop("WANDB_API_KEY", None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -72,32 +60,6 @@ def _args(data: Path, out: Path, batch_size: int, *extra) -> list[str]:
             "--dtype", "float32", "--num_workers", "0", *extra]
 
 
-def _port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _cmd(mode: str, script: str = "4.pretrain.py") -> list[str]:
-    if mode == "plain":
-        return [sys.executable, script]
-    if mode == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(), script]
-    if mode == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", _port(), script]
-    raise ValueError(mode)
-
-
-def _run(cmd: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(**kw.pop("env", {})), capture_output=True, text=True,
-                       timeout=timeout, **kw)
-    if p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
-    return p
-
-
 def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -119,14 +81,14 @@ RUN = "pretrain_micro"
 @pytest.fixture(scope="module")
 def ref_plain(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("plain")
-    _run(_cmd("plain") + _args(data, out, 4))
+    run_ok(launch_cmd("plain") + _args(data, out, 4))
     return out / RUN
 
 
 @pytest.fixture(scope="module")
 def ref_torchrun(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun")
-    _run(_cmd("torchrun") + _args(data, out, 2))
+    run_ok(launch_cmd("torchrun") + _args(data, out, 2))
     return out / RUN
 
 
@@ -143,7 +105,7 @@ def test_torchrun_matches_one_process(ref_plain, ref_torchrun):
 
 def test_deepspeed_zero2_matches_one_process_across_the_original_stop_command(data, ref_plain, tmp_path):
     """deepspeed, 2 processes, ZeRO-2; stopped the origin document's way (``kill -2 <runner PID>``), resumed."""
-    cmd = _cmd("deepspeed") + _args(data, tmp_path, 2, "--deepspeed", "ds_config.json")
+    cmd = launch_cmd("deepspeed") + _args(data, tmp_path, 2, "--deepspeed", "ds_config.json")
     log = tmp_path / "first.log"
     proc = _start(cmd, log)
     run_dir = tmp_path / RUN
@@ -171,7 +133,7 @@ def test_deepspeed_zero2_matches_one_process_across_the_original_stop_command(da
     from model import MateConvForCausalLM
 
     MateConvForCausalLM.from_pretrained(str(ck))  # the HF directory loads with model/
-    _run(cmd + ["--resume"])
+    run_ok(cmd + ["--resume"])
     a, b = _losses(ref_plain), _losses(run_dir)
     assert len(b) == STEPS
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
@@ -180,7 +142,7 @@ def test_deepspeed_zero2_matches_one_process_across_the_original_stop_command(da
 
 def _start(cmd: list[str], log: Path, **env) -> subprocess.Popen:
     f = open(log, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=f, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(**env), stdout=f, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -199,7 +161,7 @@ def _interrupt_and_resume(mode: str, data: Path, out: Path, batch_size: int) -> 
     """Start, SIGINT the process group after step 2, check the stop, resume; -> (stop step, exit status)."""
     log = out / "first.log"
     out.mkdir(parents=True, exist_ok=True)
-    proc = _start(_cmd(mode) + _args(data, out, batch_size), log)
+    proc = _start(launch_cmd(mode) + _args(data, out, batch_size), log)
     run_dir = out / RUN
     _wait_for(lambda: len(_train_records(run_dir)) >= 2, proc, what="step 2")
     os.killpg(os.getpgid(proc.pid), signal.SIGINT)
@@ -212,7 +174,7 @@ def _interrupt_and_resume(mode: str, data: Path, out: Path, batch_size: int) -> 
     stop = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 2 <= stop < STEPS, text[-3000:]
     assert "stopped by signal at step" in text, text[-3000:]
-    _run(_cmd(mode) + _args(data, out, batch_size, "--resume"))
+    run_ok(launch_cmd(mode) + _args(data, out, batch_size, "--resume"))
     return stop, rc
 
 
@@ -243,10 +205,10 @@ def test_sigint_torchrun_all_ranks_stop_and_resume(data, ref_torchrun, tmp_path)
 def test_sigkill_while_saving_keeps_previous_checkpoint(data, tmp_path):
     first = _args(data, tmp_path, 4, "--save_interval", "2")
     first[first.index("--max_steps") + 1] = "2"
-    _run(_cmd("plain") + first)
+    run_ok(launch_cmd("plain") + first)
     ck_root = tmp_path / RUN / "checkpoints"
     assert (ck_root / "latest").read_text().strip() == "step_0000002"
-    proc = _start(_cmd("plain") + _args(data, tmp_path, 4, "--save_interval", "2", "--resume"),
+    proc = _start(launch_cmd("plain") + _args(data, tmp_path, 4, "--save_interval", "2", "--resume"),
                   tmp_path / "second.log", MATECONV_DEBUG_SAVE_PAUSE="60")
     tmp = ck_root / ".tmp-step_0000004"
     _wait_for(lambda: (tmp / "trainer_state.json").is_file(), proc, what="the save of step 4")
@@ -265,7 +227,7 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(data, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(str(latest))
     assert sum(p.numel() for p in m.parameters()) > 0
     # and training resumes from it (the stale temporary directory is cleaned up)
-    _run(_cmd("plain") + _args(data, tmp_path, 4, "--save_interval", "2", "--resume", "--max_steps", "4"))
+    run_ok(launch_cmd("plain") + _args(data, tmp_path, 4, "--save_interval", "2", "--resume", "--max_steps", "4"))
     assert not tmp.exists()
     assert (ck_root / "latest").read_text().strip() == "step_0000004"
 
@@ -274,7 +236,7 @@ def test_wandb_offline_moe_expert_load(data, tmp_path):
     args = _args(data, tmp_path, 4, "--use_wandb", "--wandb_project", "mateconv-test", "--log_interval", "2")
     args[args.index("--model") + 1] = str(data / "micro-moe.json")
     args[args.index("--max_steps") + 1] = "4"
-    _run(_cmd("plain") + args, env={"WANDB_MODE": "offline", "WANDB_API_KEY": "secret-should-not-leak-0123"})
+    run_ok(launch_cmd("plain") + args, env={"WANDB_MODE": "offline", "WANDB_API_KEY": "secret-should-not-leak-0123"})
     run_dir = tmp_path / "pretrain_micro-moe"
     recs = _train_records(run_dir)
     assert recs and "moe/layer0/expert0_load" in recs[-1] and "moe/layer1/max_violation" in recs[-1]
