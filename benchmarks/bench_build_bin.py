@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE = ROOT / "tests" / "fixtures" / "original_tokenizer"
 
 
 def sentences() -> list[str]:

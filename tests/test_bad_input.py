@@ -13,10 +13,10 @@ from dataset.build_bin import build_bin
 from dataset.datasets import PreferenceDataset, PretrainDataset, SFTDataset
 from dataset.errors import DataError
 from dataset.prepare import prepare
-from tokenizer import load_tokenizer, tokenizer_fingerprint
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE, load_tokenizer, tokenizer_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE = ORIGINAL_TOKENIZER_FIXTURE
 GOOD = json.dumps({"text": "床前明月光，疑是地上霜。"}, ensure_ascii=False).encode()
 
 

@@ -10,10 +10,10 @@ import pytest
 
 from dataset.build_bin import build_bin, dtype_for_vocab
 from dataset.datasets import PretrainDataset
-from tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer, tokenizer_fingerprint
+from tokenizer import DEFAULT_TOKENIZER_DIR, ORIGINAL_TOKENIZER_FIXTURE, load_tokenizer, tokenizer_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE = ORIGINAL_TOKENIZER_FIXTURE
 
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。",
          "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
@@ -80,7 +80,6 @@ def test_cli_with_input(tmp_path, tok):
 def test_defaults_build_the_embedded_corpus(tmp_path):
     """``3.pretrain.py`` defaults (embedded train + validation, default tokenizer; the fixture tokenizer
     while the default one is not built), limited to a few documents to stay fast."""
-    pytest.importorskip("dataset.embedded")
     tok_args = [] if DEFAULT_TOKENIZER_DIR.is_dir() else ["--tokenizer", str(FIXTURE)]
     r = subprocess.run([sys.executable, "3.pretrain.py", "--out_dir", str(tmp_path / "pre"), "--workers", "1",
                         "--limit", "300", *tok_args], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -16,9 +16,9 @@ from dataset.datasets import (
     SFTDataset,
     pad_token_id,
 )
-from tokenizer import load_tokenizer, tokenizer_fingerprint
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE, load_tokenizer, tokenizer_fingerprint
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE = ORIGINAL_TOKENIZER_FIXTURE
 DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -212,10 +212,6 @@ def test_workers_give_identical_samples(tmp_path, tok):
 
 
 def test_default_tokenizer_sft_and_padding(tmp_path):
-    from tokenizer import DEFAULT_TOKENIZER_DIR
-
-    if not DEFAULT_TOKENIZER_DIR.is_dir():
-        pytest.skip("default tokenizer not built yet")
     tok = load_tokenizer(None)
     first = conv("床前明月光的下一句？", "疑是地上霜。", system="你是诗人")
     ds = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [first, conv("你好", "你好！")]), tok, 128)

@@ -2,7 +2,6 @@
 real tokenizer."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from dataset.collate import preference_collate
 from dataset.datasets import PreferenceDataset, pad_token_id
 from model import MateConvForCausalLM, get_config
-from tokenizer import load_tokenizer
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE, load_tokenizer
 from trainer.dpo import (
     IndexedPairs,
     answer_logps,
@@ -23,7 +22,7 @@ from trainer.dpo import (
     token_kl,
 )
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+TOKENIZER = ORIGINAL_TOKENIZER_FIXTURE
 
 PAIRS = [
     {"q": "床前明月光的下一句是什么？", "history": [], "pos": "疑是地上霜。", "neg": "我不知道，也许是太阳出来了吧。"},

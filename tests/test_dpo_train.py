@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 import trainer
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 from trainer import SFTTask
 from trainer.dpo import DPOTask
 
-TOKENIZER = str(Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer")
+TOKENIZER = str(ORIGINAL_TOKENIZER_FIXTURE)
 
 POEMS = [
     ("床前明月光", "疑是地上霜"), ("举头望明月", "低头思故乡"), ("白日依山尽", "黄河入海流"),

@@ -40,9 +40,11 @@ from evaluation.metrics import (
     token_f1,
     tokenize,
 )
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_TOK = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+
+FIXTURE_TOK = ORIGINAL_TOKENIZER_FIXTURE
 MICRO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
              intermediate_size=64, max_position_embeddings=128)
 

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import re
 
+import fastapi  # noqa: E402
 import pytest
-
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-
 from launchers import free_port  # noqa: E402
 
 from evaluation.judge import judge_win_rate, parse_verdict  # noqa: E402

@@ -7,7 +7,6 @@ disagree (the guard must catch every disagreement; without it they would differ)
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +14,10 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from dataset.build_bin import build_bin
-from tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
+from tokenizer import DEFAULT_TOKENIZER_DIR, ORIGINAL_TOKENIZER_FIXTURE, load_tokenizer
 from tokenizer.fast_encode import bytes_to_unicode, fast_encoder
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE = ORIGINAL_TOKENIZER_FIXTURE
 
 
 def hf_ids(tok, texts):

@@ -22,9 +22,10 @@ from prefs.judges import chrf, lcs_length, parse_ranking, rouge_l_f1
 from prefs.runner import main as prefs_main
 from serving.app import create_app
 from serving.background import BackgroundServer
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE_TOKENIZER = ORIGINAL_TOKENIZER_FIXTURE
 PAIR_FIELDS = {"id", "prompt", "chosen", "rejected", "q", "history", "pos", "neg", "meta"}
 
 QUESTIONS = ["请写一首关于春天的诗。", "介绍一下李白。", "什么是律诗？", "解释“床前明月光”。", "写一句关于秋天的话。",

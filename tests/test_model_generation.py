@@ -1,18 +1,18 @@
 """Generation: cached == uncached == transformers generate; left padding; stopping; sampling; streaming."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from model import MateConvConfig, MateConvForCausalLM
 from model.generation import StaticKVCache, generate, sample_next, stream_generate, stream_text
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 
 DENSE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, max_position_embeddings=256)
 MOE = dict(DENSE, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
            moe_intermediate_size=32)
-FIXTURE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE_TOKENIZER = ORIGINAL_TOKENIZER_FIXTURE
 
 
 
@@ -115,7 +115,6 @@ def test_stream_yields_the_same_tokens_and_cache_bounds():
     assert m.training is False
 
 
-@pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="fixture tokenizer not available")
 def test_stream_text_with_a_tokenizer():
     from transformers import AutoTokenizer
 

@@ -126,9 +126,10 @@ def test_cli_runs_and_limit(tmp_path):
 
 
 def test_notebook_executes_on_embedded_data(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     import os
+
+    import nbclient
+    import nbformat
 
     nb = nbformat.read(ROOT / "2.Prepare_Train_Data.ipynb", as_version=4)
     env = {"MATECONV_PREPARED_DIR": str(tmp_path), "MATECONV_NB_LIMIT": "500"}

@@ -18,9 +18,10 @@ from evaluation import report as report_mod
 from evaluation.evaluate import evaluate_checkpoint
 from evaluation.heldout import items_loss, pretrain_items
 from evaluation.metrics import paired_bootstrap, paired_ratio_bootstrap, seed_summary
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_TOK = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE_TOK = ORIGINAL_TOKENIZER_FIXTURE
 
 POEMS = [
     ("静夜思", "李白", "床前明月光，疑是地上霜。举头望明月，低头思故乡。"),

@@ -13,8 +13,9 @@ import torch
 
 from serving.app import create_app
 from serving.background import BackgroundServer
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 
-FIXTURE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE_TOKENIZER = ORIGINAL_TOKENIZER_FIXTURE
 KEY = "test-key-123"
 MSGS = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "请写一首关于春天的诗。"}]
 

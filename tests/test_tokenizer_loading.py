@@ -1,10 +1,9 @@
-from pathlib import Path
 
 import pytest
 
-from tokenizer import load_tokenizer, tokenizer_fingerprint
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE, load_tokenizer, tokenizer_fingerprint
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE = ORIGINAL_TOKENIZER_FIXTURE
 
 
 def test_fixture_tokenizer_loads_and_fingerprint_is_stable():

@@ -13,11 +13,11 @@ from nbclient import NotebookClient
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dataset.build_corpus import CORPUS_PATH
-from tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer, tokenizer_fingerprint
+from tokenizer import DEFAULT_TOKENIZER_DIR, ORIGINAL_TOKENIZER_FIXTURE, load_tokenizer, tokenizer_fingerprint
 from tokenizer import train_tokenizer as tt
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+FIXTURE = ORIGINAL_TOKENIZER_FIXTURE
 NOTEBOOK = ROOT / "1.Tokenizer_Training.ipynb"
 
 MESSAGES = [

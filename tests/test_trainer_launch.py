@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 from launchers import launch_cmd, run_ok, subprocess_env
 
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
+
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT.parent / "shared" / "fixtures" / "original_tokenizer"
+TOKENIZER = ORIGINAL_TOKENIZER_FIXTURE
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +30,6 @@ STEPS = 40
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    if not TOKENIZER.is_dir():
-        pytest.skip("tokenizer fixture missing")
     from dataset.build_bin import build_bin
     from model import get_config
 

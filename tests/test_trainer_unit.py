@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 from trainer.args import COMMON_DEFAULTS, fill_defaults, parse_args, public_args
 from trainer.checkpoint import finalize, latest_checkpoint, list_checkpoints, resolve_checkpoint, tmp_dir
 from trainer.schedule import lr_at, warmup_steps
@@ -182,14 +183,11 @@ def test_stop_signal_in_process_flag():
 
 # ------------------------------------------------------------------ guards, in process (plain mode)
 
-TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures",
-                         "original_tokenizer")
+TOKENIZER = str(ORIGINAL_TOKENIZER_FIXTURE)
 
 
 @pytest.fixture(scope="module")
 def small_bin(tmp_path_factory):
-    if not os.path.isdir(TOKENIZER):
-        pytest.skip("tokenizer fixture missing")
     from dataset.build_bin import build_bin
 
     d = tmp_path_factory.mktemp("guard_data")

@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "mateconv"
+# The original MateConv tokenizer (MIT, from the original project, itself from MiniMind): a test fixture and
+# the default comparison of tokenizer training; provenance in tests/fixtures/original_tokenizer/PROVENANCE.md.
+ORIGINAL_TOKENIZER_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "original_tokenizer"
 
 
 def load_tokenizer(path: str | Path | None = None):

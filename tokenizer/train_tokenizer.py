@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0, 1, 2, 3
 UNK, BOS, EOS, PAD = SPECIAL_TOKENS
 
@@ -37,7 +39,7 @@ CHAT_TEMPLATE = (
 )
 
 DEFAULT_VOCAB_SIZE = 6400
-ORIGINAL_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tokenizer"
+ORIGINAL_TOKENIZER_DIR = ORIGINAL_TOKENIZER_FIXTURE  # the default --compare
 
 
 def read_texts(paths: Iterable[str | Path], max_texts: int | None = None) -> Iterator[str]:
