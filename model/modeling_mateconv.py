@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
 from .configuration_mateconv import MateConvConfig
+from .losses import nll_sum, shift_labels
 
 
 @dataclass
@@ -471,8 +472,8 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             # shift the labels, not the logits (no copy of the [B, T, V] tensor)
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+            total, count = nll_sum(logits, shift_labels(labels))
+            loss = total / count
         return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_loss, cache=cache)
 
     # ---- MoE helpers used by the trainer / evaluation ----
