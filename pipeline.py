@@ -1,10 +1,15 @@
 """The main job: every MateConv stage on the embedded corpus, then the report.
 
-    python pipeline.py                     # dense vs compute-matched MoE, 1 seed, ~15 min on 2 CPU cores
-    python pipeline.py --quick             # the same chain with tiny budgets (CI, under 3 min)
+    python pipeline.py                     # dense vs compute-matched MoE, 1 seed, ~12 min on 2 CPU cores
+    python pipeline.py --minutes 60        # the same job with a 60-minute budget (time split the same way)
+    python pipeline.py --quick             # the same chain with tiny step budgets (CI smoke run, ~2 min)
     python pipeline.py --seeds 3           # repeats; the report gives mean ± spread across seeds
     python pipeline.py --arms dense,moe,moe-0.1b --stages pretrain,sft
     python pipeline.py --force             # rerun stages that already finished
+
+Budgets are wall-clock time: ``--minutes`` is split over the arms and seeds, and within each arm most of it goes
+to pretraining, then SFT (``--max_minutes`` of the trainer stages); preference generation and evaluation are
+sized by counts that scale with the budget. Progress lines give stage k/N, the elapsed time and an ETA.
 
 Each stage runs as the user would run it by hand (``python 4.pretrain.py ...``) in a subprocess whose
 output goes to ``<run_dir>/logs/``; the exact command line is printed first. A stage that finished
@@ -35,42 +40,93 @@ ARMS = {  # arm name -> model preset
 
 @dataclass(frozen=True)
 class Budget:
-    """Step and sample budgets of one pipeline size (the only knobs that differ between sizes)."""
+    """Budgets of one pipeline size. Training stages are limited by steps (``--quick``, deterministic for CI)
+    or by wall time (``*_minutes``: ``--max_minutes`` of the trainer, which fixes its step count after a short
+    warm-up); preference generation and evaluation by counts."""
 
     max_seq_len: int
-    pretrain_steps: int
     pretrain_batch: int
-    sft_steps: int
     sft_batch: int
+    dpo_batch: int
     pref_prompts: int
     pref_eval_prompts: int
-    dpo_steps: int
-    dpo_batch: int
     eval_examples: int
     eval_items: int
     eval_new_tokens: int
     eval_interval: int
     log_interval: int
+    pretrain_steps: int = 0  # > 0: a step budget instead of minutes
+    sft_steps: int = 0
+    dpo_steps: int = 0
+    pretrain_minutes: float = 0.0
+    sft_minutes: float = 0.0
+    dpo_minutes: float = 0.0
     sft_train_limit: int = 0  # 0: the whole SFT train split; else its first N conversations (smoke runs)
 
 
-FULL = Budget(max_seq_len=128, pretrain_steps=160, pretrain_batch=16, sft_steps=100, sft_batch=16,
-              pref_prompts=240, pref_eval_prompts=120, dpo_steps=40, dpo_batch=8,
-              eval_examples=120, eval_items=200, eval_new_tokens=32, eval_interval=40, log_interval=10)
+DEFAULT_MINUTES = 11.0
+# Share of one arm's time (its part of --minutes) per stage. Pretraining is where a small model learns most per
+# CPU-minute; what is not given to the trainers goes to preference generation, evaluation and process start-up,
+# whose cost is set by the counts below (measured on 2 cores: see README "The main job").
+TIME_SHARES = {"pretrain": 0.56, "sft": 0.17, "dpo": 0.05}
+PLANNED_SHARES = {"pretrain": 0.60, "sft": 0.20, "prefs": 0.07, "dpo": 0.06, "eval": 0.07}  # for the ETA
+
+
+def budget_for(minutes: float, n_units: int) -> Budget:
+    """The time-budgeted job: ``minutes`` of wall time for ``n_units`` (arms x seeds) chains."""
+    unit = minutes / max(1, n_units)
+    scale = min(8.0, max(0.5, minutes / DEFAULT_MINUTES))  # counts grow with the budget, up to 8x
+    return Budget(max_seq_len=128, pretrain_batch=16, sft_batch=16, dpo_batch=8,
+                  pref_prompts=int(240 * scale), pref_eval_prompts=int(120 * min(scale, 2.0)),
+                  eval_examples=int(120 * min(scale, 3.0)), eval_items=int(200 * min(scale, 3.0)),
+                  eval_new_tokens=48, eval_interval=0, log_interval=20,
+                  pretrain_minutes=round(unit * TIME_SHARES["pretrain"], 2),
+                  sft_minutes=round(unit * TIME_SHARES["sft"], 2), dpo_minutes=round(unit * TIME_SHARES["dpo"], 2))
+
+
 QUICK = Budget(max_seq_len=64, pretrain_steps=20, pretrain_batch=8, sft_steps=10, sft_batch=8,
                pref_prompts=24, pref_eval_prompts=16, dpo_steps=6, dpo_batch=4,
                eval_examples=16, eval_items=24, eval_new_tokens=16, eval_interval=10, log_interval=2,
                sft_train_limit=2000)
 
 
+def fmt_minutes(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def log(msg: str) -> None:
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Progress:
+    """Stage k/N, elapsed time and an ETA for the whole job: the planned seconds of the stages still to run,
+    scaled by how the finished ones compared with their plan."""
+
+    def __init__(self, planned: dict[str, float]):
+        self.planned, self.t0 = dict(planned), time.time()
+        self.done: dict[str, float] = {}
+
+    def start(self, name: str) -> None:
+        k = len(self.done) + 1
+        log(f"stage {k}/{len(self.planned)} {name} (elapsed {fmt_minutes(time.time() - self.t0)})")
+
+    def skip(self, name: str) -> None:
+        self.done[name] = 0.0
+        self.planned[name] = 0.0
+
+    def finish(self, name: str, seconds: float) -> str:
+        self.done[name] = seconds
+        plan_done = sum(self.planned.get(n, 0.0) for n in self.done)
+        pace = sum(self.done.values()) / plan_done if plan_done > 0 else 1.0
+        left = pace * sum(v for n, v in self.planned.items() if n not in self.done)
+        return f"(elapsed {fmt_minutes(time.time() - self.t0)}, ETA {fmt_minutes(left)})"
 
 
 class Pipeline:
     def __init__(self, args):
         self.args = args
-        self.budget = QUICK if args.quick else FULL
+        self.budget = QUICK  # set for the chosen arms and seeds in main()
         self.run_dir = Path(args.run_dir).resolve()
         self.data_dir = Path(args.data_dir).resolve()
         self.embedded = self.data_dir / "embedded"
@@ -80,7 +136,10 @@ class Pipeline:
         self.env.setdefault("WANDB_MODE", "offline")
         self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        if args.num_threads:  # every stage, the trainers through --num_threads and the others through OpenMP
+            self.env["OMP_NUM_THREADS"] = str(args.num_threads)
         self.timings: dict[str, float] = {}
+        self.progress = Progress({})
 
     # -- running a stage ---------------------------------------------------------------------------
     def run(self, name: str, cmd: list[str], stamp: Path | None, key: str = "") -> None:
@@ -89,9 +148,11 @@ class Pipeline:
         cmd = [str(c) for c in cmd]
         if stamp is not None and stamp.exists() and not self.args.force and self._stamp_key(stamp) == key:
             log(f"skip {name} (finished earlier: {stamp})")
+            self.progress.skip(name)
             return
         log_path = self.logs / f"{name}.log"
         log(f"run  {name}: {shlex.join(cmd)}  > {log_path}")
+        self.progress.start(name)
         t0 = time.time()
         with open(log_path, "w", encoding="utf-8") as out:
             proc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
@@ -105,7 +166,7 @@ class Pipeline:
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(json.dumps({"seconds": round(dt, 1), "command": cmd, "key": key}) + "\n",
                              encoding="utf-8")
-        log(f"done {name} in {dt:.0f}s")
+        log(f"done {name} in {dt:.0f}s  {self.progress.finish(name, dt)}")
 
     @staticmethod
     def _stamp_key(stamp: Path) -> str:
@@ -131,9 +192,19 @@ class Pipeline:
 
     def common_train_flags(self, seed: int) -> list:
         b = self.budget
-        return ["--max_seq_len", b.max_seq_len, "--seed", seed, "--log_interval", b.log_interval,
-                "--eval_interval", b.eval_interval, "--save_interval", 10_000, "--device", "cpu"
-                if self.args.cpu else "auto"]
+        flags = ["--max_seq_len", b.max_seq_len, "--seed", seed, "--log_interval", b.log_interval,
+                 "--eval_interval", b.eval_interval, "--save_interval", 10_000, "--device", "cpu"
+                 if self.args.cpu else "auto"]
+        if self.args.num_threads:
+            flags += ["--num_threads", self.args.num_threads]
+        return flags
+
+    def limit_flags(self, stage: str) -> list:
+        """A stage's length: its step budget (``--quick``) or its share of the wall-time budget."""
+        steps = getattr(self.budget, f"{stage}_steps")
+        if steps:
+            return ["--max_steps", steps]
+        return ["--max_minutes", getattr(self.budget, f"{stage}_minutes")]
 
     def arm_dir(self, arm: str, seed: int) -> Path:
         return self.run_dir / "arms" / arm / f"seed{seed}"
@@ -143,7 +214,7 @@ class Pipeline:
         self.run(f"{arm}_seed{seed}_pretrain", self.py(
             "4.pretrain.py", "--model", ARMS[arm], "--out_dir", d, "--run_name", "pretrain",
             "--data_path", self.data_dir / "pretrain" / "pretrain_train.bin",
-            "--max_steps", b.pretrain_steps, "--batch_size", b.pretrain_batch, "--accumulation_steps", 1,
+            *self.limit_flags("pretrain"), "--batch_size", b.pretrain_batch, "--accumulation_steps", 1,
             "--learning_rate", 3e-3, "--warmup_ratio", 0.05,
             *self.common_train_flags(seed)), d / "pretrain" / ".done")
 
@@ -168,7 +239,7 @@ class Pipeline:
         self.run(f"{arm}_seed{seed}_sft", self.py(
             "5.full_sft.py", "--init_from", d / "pretrain", "--out_dir", d, "--run_name", "sft",
             "--data_path", self.sft_train_file(),
-            "--max_steps", b.sft_steps, "--batch_size", b.sft_batch, "--accumulation_steps", 1,
+            *self.limit_flags("sft"), "--batch_size", b.sft_batch, "--accumulation_steps", 1,
             "--learning_rate", 1e-3, "--warmup_ratio", 0.05,
             *self.common_train_flags(seed)), d / "sft" / ".done")
 
@@ -190,7 +261,7 @@ class Pipeline:
             "--eval_pairs_path", d / "prefs" / "pairs_validation.jsonl",
             "--probe_pretrain_path", self.data_dir / "pretrain" / "pretrain_validation.bin",
             "--probe_sft_path", self.embedded / "sft_validation.jsonl",
-            "--max_steps", b.dpo_steps, "--batch_size", b.dpo_batch, "--accumulation_steps", 1,
+            *self.limit_flags("dpo"), "--batch_size", b.dpo_batch, "--accumulation_steps", 1,
             "--learning_rate", 1e-4, "--warmup_ratio", 0.1, "--precompute_ref",
             *self.common_train_flags(seed)), d / "dpo" / ".done")
 
@@ -230,9 +301,13 @@ class Pipeline:
         bad = [s for s in stages if s not in ALL_STAGES]
         if bad:
             raise SystemExit(f"pipeline: unknown stage(s) {bad}; choose from {', '.join(ALL_STAGES)}")
+        n_units = len(self.arms) * len(self.seeds)
+        self.budget = QUICK if a.quick else budget_for(a.minutes, n_units)
+        self.progress = Progress(self.plan(stages, n_units))
         t0 = time.time()
-        log(f"run dir {self.run_dir}; arms {self.arms}; seeds {self.seeds}; stages {list(stages)}; "
-            f"{'quick' if a.quick else 'full'} budget")
+        budget = "quick (step) budget" if a.quick else f"{a.minutes:g}-minute budget"
+        log(f"run dir {self.run_dir}; arms {self.arms}; seeds {self.seeds}; stages {list(stages)}; {budget}; "
+            f"{len(self.progress.planned)} stage commands")
         if "data" in stages:
             self.stage_data()
         for seed in self.seeds:
@@ -242,15 +317,77 @@ class Pipeline:
                         getattr(self, f"stage_{stage}")(arm, seed)
         if "report" in stages:
             self.stage_report()
-        log(f"finished in {time.time() - t0:.0f}s")
+        log(f"finished in {fmt_minutes(time.time() - t0)}")
         if "report" in stages:
             log(f"report: {self.run_dir / 'report.md'}")
+        self.print_meet_the_model()
         return 0
+
+    def plan(self, stages, n_units: int) -> dict[str, float]:
+        """Planned seconds of every stage command, in run order (for the ETA)."""
+        unit = (self.args.minutes * 60 / max(1, n_units)) if not self.args.quick else 20.0
+        per_stage = {"pretrain": ["pretrain"], "sft": ["sft"], "prefs": ["prefs_train", "prefs_validation"],
+                     "dpo": ["dpo"], "eval": ["eval_sft", "eval_dpo"]}
+        planned = {"data": 10.0} if "data" in stages else {}
+        for seed in self.seeds:
+            for arm in self.arms:
+                for stage, names in per_stage.items():
+                    if stage in stages:
+                        for name in names:
+                            planned[f"{arm}_seed{seed}_{name}"] = unit * PLANNED_SHARES[stage] / len(names)
+        if "report" in stages:
+            planned["report"] = 15.0
+        return planned
+
+    def best_checkpoint(self) -> tuple[Path | None, dict]:
+        """The SFT (or DPO) checkpoint with the lowest held-out bits per character on pretraining text (falling
+        back to nats per token), and its evaluation record."""
+        best, best_key, best_ev = None, None, {}
+        for ev_file in sorted((self.run_dir / "eval").glob("*_seed*_*.json")):
+            try:
+                ev = json.loads(ev_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            pre = ev.get("pretrain") or {}
+            key = pre.get("bpc", pre.get("loss"))
+            ckpt = ev.get("checkpoint")
+            if key is None or not ckpt:
+                continue
+            if best_key is None or key < best_key:
+                best, best_key, best_ev = Path(ckpt), key, ev | {"_file": str(ev_file)}
+        return best, best_ev
+
+    def print_meet_the_model(self) -> None:
+        """The last lines: the chat command for the best checkpoint and three of its held-out samples."""
+        best, ev = self.best_checkpoint()
+        if best is None:
+            return
+        try:
+            best = best.relative_to(ROOT)
+        except ValueError:
+            pass
+        log(f"talk to the best model: python chat.py --model {shlex.quote(str(best))}")
+        gens_file = Path(ev["_file"]).with_name(Path(ev["_file"]).stem + "_generations.jsonl")
+        if not gens_file.is_file():
+            return
+        rows = [json.loads(line) for line in gens_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        by_task: dict[str, dict] = {}
+        for row in rows:  # one sample per task kind, the first three kinds
+            by_task.setdefault(str(row.get("task", "")), row)
+        for row in list(by_task.values())[:3]:
+            prompt = str(row.get("prompt", "")).split("user\n")[-1].split("</s>")[0].replace("\n", " ")[:60]
+            answer = str(row.get("prediction", "")).replace("\n", " / ")[:80]
+            log(f"sample [{row.get('task', '?')}] {prompt} -> {answer}")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny budgets (CI smoke run, under 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="tiny step budgets (CI smoke run, about 2 minutes)")
+    ap.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                    help="wall-time budget of the training stages' job, split over arms and seeds "
+                         f"(the whole job takes about 1.1x this on 2 CPU cores) [{DEFAULT_MINUTES:g}]")
+    ap.add_argument("--num_threads", type=int, default=0,
+                    help="torch threads of every stage (0: each stage picks from the free cores)")
     ap.add_argument("--arms", default="dense,moe", help=f"comma list of {', '.join(ARMS)} (first = baseline)")
     ap.add_argument("--seeds", type=int, default=1, help="number of repeats (seeds seed, seed+1, ...)")
     ap.add_argument("--seed", type=int, default=1, help="first seed")
