@@ -384,8 +384,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny step budgets (CI smoke run, about 2 minutes)")
     ap.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
-                    help="wall-time budget of the training stages' job, split over arms and seeds "
-                         f"(the whole job takes about 1.1x this on 2 CPU cores) [{DEFAULT_MINUTES:g}]")
+                    help="target wall time of the whole job, split over arms and seeds; within an arm most "
+                         f"goes to pretraining, then SFT [{DEFAULT_MINUTES:g}]")
     ap.add_argument("--num_threads", type=int, default=0,
                     help="torch threads of every stage (0: each stage picks from the free cores)")
     ap.add_argument("--arms", default="dense,moe", help=f"comma list of {', '.join(ARMS)} (first = baseline)")

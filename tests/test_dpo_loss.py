@@ -12,6 +12,7 @@ from dataset.datasets import PreferenceDataset, pad_token_id
 from model import MateConvForCausalLM, get_config
 from tokenizer import ORIGINAL_TOKENIZER_FIXTURE, load_tokenizer
 from trainer.dpo import (
+    TIE_TOLERANCE,
     IndexedPairs,
     answer_logps,
     dpo_batch,
@@ -84,7 +85,9 @@ def test_dpo_loss_matches_trl_formula():
     # TRL metric names and meanings (sums over pairs)
     out = dpo_loss(pc, pr, rc, rr, beta=beta)
     m = pair_metrics(out, pc, pr)
-    torch.testing.assert_close(m["rewards/accuracies"], (wc > wr).float().sum())
+    margin = wc - wr
+    want_acc = torch.where(margin.abs() <= TIE_TOLERANCE, 0.5, (margin > 0).float()).sum()
+    torch.testing.assert_close(m["rewards/accuracies"], want_acc)
     torch.testing.assert_close(m["rewards/margins"], (wc - wr).sum())
     torch.testing.assert_close(m["rewards/chosen"], wc.sum())
     torch.testing.assert_close(m["logps/rejected"], pr.sum())
@@ -168,6 +171,26 @@ def test_identical_policy_and_reference_give_log2_and_zero_rewards(pairs_ds):
     res, m, _ = dpo_batch(model, batch, ref_model=model, beta=0.2, kl_coef=0.05)
     torch.testing.assert_close(res.losses, torch.full((len(pairs_ds),), float(torch.log(torch.tensor(2.0)))),
                                atol=1e-5, rtol=0)
-    assert float(m["rewards/accuracies"]) == 0.0  # TRL: strict, ties are not "accurate"
-    assert float(m["reward_accuracy"]) == 0.5 * len(pairs_ds)  # ties count 1/2: chance level
+    # every pair ties: counted 1/2 each (chance level), whatever the rounding noise of the margins
+    assert float(m["rewards/accuracies"]) == float(m["reward_accuracy"]) == 0.5 * len(pairs_ds)
+    assert float(m["rewards/ties"]) == len(pairs_ds)
     assert abs(float(m["kl"])) < 1e-5
+
+
+def test_reward_accuracy_counts_ties_as_half_and_is_stable_under_rounding_noise():
+    """A margin within TIE_TOLERANCE of 0 is a tie (1/2) whichever side rounding puts it on."""
+    pc = torch.tensor([-10.0, -10.0, -10.0, -10.0, -10.0])
+    pr = torch.tensor([-12.0, -8.0, -10.0, -10.0, -10.0])
+    rc = torch.full((5,), -10.0)
+    rr = torch.full((5,), -10.0)
+    beta = 0.2
+    noise = torch.tensor([0.0, 0.0, 0.0, 3e-5 / beta, -3e-5 / beta])  # rounding-size margins, both signs
+    m = pair_metrics(dpo_loss(pc + noise, pr, rc, rr, beta=beta), pc + noise, pr)
+    assert float(m["rewards/accuracies"]) == 1.0 + 0.0 + 0.5 * 3
+    assert float(m["rewards/ties"]) == 3.0
+    flipped = pair_metrics(dpo_loss(pc - noise, pr, rc, rr, beta=beta), pc - noise, pr)
+    assert float(flipped["rewards/accuracies"]) == float(m["rewards/accuracies"])
+    # a real margin just above the tolerance is a decision
+    m2 = pair_metrics(dpo_loss(pc[:1] + 2 * TIE_TOLERANCE / beta, pr[:1] * 0 - 10, rc[:1], rr[:1], beta=beta),
+                      pc[:1], pr[:1])
+    assert float(m2["rewards/accuracies"]) == 1.0 and float(m2["rewards/ties"]) == 0.0

@@ -19,14 +19,16 @@ Loss (per preference pair, ``--beta`` = β)::
 
 Rewards and logged metrics use TRL's names (sums over pairs; the trainer divides by the pair count):
 ``rewards/chosen`` = β(π_c - ρ_c), ``rewards/rejected`` = β(π_r - ρ_r), ``rewards/accuracies`` =
-[reward_c > reward_r] (strict, as TRL), ``rewards/margins``, ``logps/chosen`` = π_c, ``logps/rejected`` = π_r
+[reward_c > reward_r] where a tie (|margin| ≤ ``TIE_TOLERANCE`` = 1e-4) counts 1/2 — unlike TRL's strict
+``>``, which turns rounding noise at step 1 (policy = reference) into 0 or 1 — and ``rewards/ties`` the
+fraction of such ties, ``rewards/margins``, ``logps/chosen`` = π_c, ``logps/rejected`` = π_r
 (summed log-probabilities, also under ``--length_norm``), ``kl`` (the KL_c above, also when ``--kl_coef 0``
 as long as it can be computed), ``loss/dpo``, ``loss/sft`` (NLL_c).
 
 Held-out preference accuracy (``--eval_pairs_path``): the same metrics on held-out pairs before
 training (step 0) and at each ``--eval_interval``, logged as ``pairs/<name>`` (``pairs/rewards/accuracies``
-...), plus ``pairs/reward_accuracy`` in which a tie (|margin| ≤ 1e-4, e.g. at step 0 where the policy
-*is* the reference) counts 1/2, so chance level reads 0.5, and ``pairs/logp_accuracy`` = [π_c > π_r]
+...); ``pairs/reward_accuracy`` is the same tie-aware accuracy (at step 0 the policy *is* the reference:
+every pair ties and it reads 0.5, chance level), and ``pairs/logp_accuracy`` = [π_c > π_r]
 (whether the model itself gives the chosen answer more probability; meaningful at step 0 too).
 
 Starting point: ``--init_from`` (an SFT checkpoint or SFT run dir; default: the latest checkpoint of
@@ -189,16 +191,18 @@ def pair_metrics(out: DPOOutput, policy_chosen_logps: torch.Tensor, policy_rejec
     """TRL-named metrics as *sums* over the pairs of a batch (divide by the pair count for means)."""
     c, r = out.chosen_rewards, out.rejected_rewards
     margin = c - r
+    tie = margin.abs() <= TIE_TOLERANCE
+    accuracy = torch.where(tie, torch.full_like(margin, 0.5), (margin > 0).float()).sum()
     m = {
         "rewards/chosen": c.sum(),
         "rewards/rejected": r.sum(),
-        "rewards/accuracies": (c > r).float().sum(),
+        "rewards/accuracies": accuracy,
+        "rewards/ties": tie.float().sum(),
         "rewards/margins": margin.sum(),
         "logps/chosen": policy_chosen_logps.detach().float().sum(),
         "logps/rejected": policy_rejected_logps.detach().float().sum(),
         "loss/dpo": out.dpo_losses.detach().sum(),
-        "reward_accuracy": torch.where(margin.abs() <= TIE_TOLERANCE, torch.full_like(margin, 0.5),
-                                       (margin > 0).float()).sum(),
+        "reward_accuracy": accuracy,
         "logp_accuracy": (policy_chosen_logps.detach() > policy_rejected_logps.detach()).float().sum(),
     }
     if kl is not None:
@@ -488,8 +492,8 @@ def probe_loss_sum(model, dataset, collate, *, batch_size: int, device, autocast
 
 TRAIN_STORE, EVAL_STORE0 = 0, 1
 # every metric a pair batch yields when the KL is computable (the layout of the eval all-reduce)
-EVAL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-             "logps/rejected", "loss/dpo", "reward_accuracy", "logp_accuracy", "kl", "loss/sft")
+EVAL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/ties", "rewards/margins",
+             "logps/chosen", "logps/rejected", "loss/dpo", "reward_accuracy", "logp_accuracy", "kl", "loss/sft")
 
 
 class DPOTask(Task):
