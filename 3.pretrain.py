@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dataset.build_bin import build_bin, default_workers
 from dataset.errors import ON_ERROR_CHOICES, DataError
+from dataset.paths import OutputPathError, check_output_dir, check_output_file
 
 
 def embedded_inputs(embedded_dir: str) -> dict[str, list[Path]]:
@@ -47,12 +48,20 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many documents per output")
     args = ap.parse_args(argv)
 
-    jobs = {args.name: args.input} if args.input else embedded_inputs(args.embedded_dir)
     try:
+        # every output path is checked before any work starts
+        names = [args.name] if args.input else ["pretrain_train", "pretrain_validation"]
+        check_output_dir(args.out_dir)
+        for name in names:
+            check_output_file(Path(args.out_dir) / f"{name}.bin")
+            check_output_file(Path(args.out_dir) / f"{name}.json", "sidecar path")
+        if not args.input:
+            check_output_dir(args.embedded_dir, "embedded data directory")
+        jobs = {args.name: args.input} if args.input else embedded_inputs(args.embedded_dir)
         for name, inputs in jobs.items():
             build_bin(inputs, Path(args.out_dir) / f"{name}.bin", args.tokenizer, workers=args.workers,
                       batch_size=args.batch_size, on_error=args.on_error, limit=args.limit)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

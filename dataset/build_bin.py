@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, Report, check_on_error
-from .jsonl import Progress, atomic_open, check_file, ordered_map, parse_json_line
+from .errors import DataError, Report, check_on_error, no_records
+from .jsonl import Progress, atomic_open, check_file, ordered_map, parse_json_line, strip_bom
+from .paths import check_output_file
 
 _ENCODE = None
 _PACK = None
@@ -86,7 +87,7 @@ def encode_batch(task) -> tuple:
         lines.pop()
     texts, errors = [], []
     for line, raw in enumerate(lines, start=first_line):
-        raw = raw.rstrip(b"\r\n")
+        raw = strip_bom(raw.rstrip(b"\r\n"), line)
         if not raw.strip():
             continue
         try:
@@ -165,6 +166,8 @@ def build_bin(inputs, output, tokenizer=None, *, workers: int = 1, batch_size: i
     output = Path(output)
     if output.suffix != ".bin":
         raise ValueError(f"output must end with .bin: {output}")
+    check_output_file(output)
+    check_output_file(output.with_suffix(".json"), "sidecar path")
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tok = load_tokenizer(tokenizer)
         if tokenizer is None:
@@ -210,6 +213,8 @@ def build_bin(inputs, output, tokenizer=None, *, workers: int = 1, batch_size: i
             done += 1
         if max_id >= vocab:
             raise DataError(f"token id {max_id} >= vocab size {vocab}", file=output, reason="id_out_of_range")
+        if num_docs == 0:  # nothing is written: an empty .bin would only fail later, in stage 4
+            raise no_records(inputs, report, "documents")
     bar.close(tokens=num_tokens, docs=num_docs)
     meta = {
         "dtype": dtype.name,

@@ -25,7 +25,7 @@ class DataError(ValueError):
 
     ``reason`` is a short code used to count skips (``malformed_json``, ``invalid_utf8``, ``invalid_unicode``,
     ``missing_field``, ``wrong_type``, ``empty_text``, ``too_long``, ``id_out_of_range``,
-    ``fingerprint_mismatch``, ``missing_file``, ...).
+    ``fingerprint_mismatch``, ``missing_file``, ``empty_file``, ``no_usable_records``, ...).
     """
 
     def __init__(self, message: str, *, file=None, line: int | None = None, field: str | None = None,
@@ -57,6 +57,19 @@ def _rebuild(message, file, line, field, reason, position):
 
 def missing_file(path, what: str = "file") -> DataError:
     return DataError(f"{what} not found", file=path, reason="missing_file")
+
+
+def no_records(path, report: "Report", what: str = "records") -> DataError:
+    """The input held nothing usable: it is empty, or every record was skipped or dropped (reasons named)."""
+    if isinstance(path, (list, tuple)):
+        path = ", ".join(str(p) for p in path)
+    if report.seen == 0:
+        return DataError(f"no {what}: the input is empty", file=path, reason="empty_file")
+    parts = [f"{r} {n}" for r, n in sorted(report.skipped.items())] + \
+        [f"dropped {r} {n}" for r, n in sorted(report.dropped.items())]
+    msg = f"no usable {what}: all {report.seen} skipped ({', '.join(parts) or 'no reason recorded'})"
+    msg += "".join(f"\n  e.g. {x}" for x in report.examples[:5])
+    return DataError(msg, file=path, reason="no_usable_records")
 
 
 def check_on_error(on_error: str) -> str:

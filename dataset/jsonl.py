@@ -26,12 +26,21 @@ def check_file(path) -> Path:
     return path
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def strip_bom(raw: bytes, line: int) -> bytes:
+    """A UTF-8 byte order mark at the start of the file (line 1) is not part of the first record."""
+    return raw[len(UTF8_BOM):] if line == 1 and raw.startswith(UTF8_BOM) else raw
+
+
 def iter_raw_lines(path) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, raw_bytes)`` for every line (1-based), newline stripped; streams."""
+    """Yield ``(line_number, raw_bytes)`` for every line (1-based), newline stripped; streams.
+    A UTF-8 byte order mark at the start of the file is removed."""
     path = check_file(path)
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
-            yield i, raw.rstrip(b"\r\n")
+            yield i, strip_bom(raw.rstrip(b"\r\n"), i)
 
 
 def decode_line(raw: bytes, path, line: int) -> str:

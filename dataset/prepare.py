@@ -49,6 +49,7 @@ from .jsonl import (
     ordered_map,
     parse_json_line,
 )
+from .paths import OutputPathError, check_output_file
 
 ROLES = ("system", "user", "assistant")
 
@@ -536,6 +537,9 @@ def prepare(kind: str, inputs, output, *, fmt: str = "auto", lang: str = "zh", w
     inputs = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     for p in inputs:
         check_file(p)
+    summary_path = Path(summary_path) if summary_path else Path(str(output) + ".summary.json")
+    check_output_file(output)  # before any work: a wrong output path is found now, not at the end
+    check_output_file(summary_path, "summary path")
     d = DEFAULTS[kind]
     opts = Options(kind=kind, lang=lang, zh_ratio=zh_ratio, en_ratio=en_ratio, system=system, normalize=normalize,
                    min_chars=d[0] if min_chars is None else min_chars,
@@ -596,7 +600,6 @@ def prepare(kind: str, inputs, output, *, fmt: str = "auto", lang: str = "zh", w
                     report.keep()
             bar.update(sizes.popleft() if sizes else 0, kept=report.kept)
     bar.close(kept=report.kept)
-    summary_path = Path(summary_path) if summary_path else Path(str(output) + ".summary.json")
     report.write(summary_path)
     if log:
         log(report.format())
@@ -636,7 +639,7 @@ def main(argv=None) -> int:
                 en_ratio=args.en_ratio, system=args.system, dedup=not args.no_dedup,
                 normalize=not args.no_normalize, limit=args.limit, chunk_lines=args.chunk_lines,
                 summary_path=args.summary)
-    except DataError as e:
+    except (DataError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,13 +12,9 @@ Loss is the token-weighted mean negative log-likelihood (nats/token); perplexity
 Per-item NLL sums and token counts are kept so that the report can bootstrap over items and pair
 two checkpoints on the same items (the change in held-out loss from SFT to DPO).
 
-Routing (MoE): for every MoE layer, forward hooks capture the router's per-token probabilities
-over the routed experts on the non-padding tokens, and the chosen top-k experts:
-    * ``load_fraction[l][e]``: share of the routed (token, slot) assignments that went to expert e;
-    * ``max_violation[l]`` = max_e load / mean_e load - 1 (0 = perfectly balanced);
-    * ``router_entropy[l]``: mean over tokens of the entropy (nats) of the router distribution;
-      ``router_entropy_max`` = ln(n_experts);
-    * ``load_entropy[l]``: entropy of ``load_fraction[l]`` (nats).
+Routing (MoE): :class:`evaluation.routing.RoutingCollector` (forward hooks) in the same pass; the
+statistics (load fractions, max-violation, near-dead experts, ``expert_load_entropy`` vs
+``router_entropy``) are defined in :mod:`evaluation.routing`.
 """
 
 from __future__ import annotations
@@ -32,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from dataset.collate import pad_collate
+from model.losses import sequence_nll
 
 from .metrics import ratio_bootstrap
+from .routing import RoutingCollector, routing_stats  # noqa: F401  (re-exported: the one routing module)
 
 TRAIN_NAME = re.compile(r"(^|[_\-.])train($|[_\-.])", re.IGNORECASE)
 
@@ -211,95 +210,6 @@ def _fingerprint(items: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def _pad(items: list[dict], pad_id: int) -> dict:
-    n = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    tgt = torch.full((len(items), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), n), dtype=torch.long)
-    for i, it in enumerate(items):
-        k = len(it["input_ids"])
-        ids[i, :k], tgt[i, :k], mask[i, :k] = it["input_ids"], it["targets"], 1
-    return {"input_ids": ids, "targets": tgt, "attention_mask": mask}
-
-
-# ------------------------------------------------------------------------------------------- routing
-
-
-def _moe_modules(model) -> list[torch.nn.Module]:
-    """The MoE blocks of the model in layer order (``model.moe_layers()``; empty for a dense model)."""
-    fn = getattr(model, "moe_layers", None)
-    return list(fn()) if callable(fn) else []
-
-
-class RoutingCollector:
-    """Accumulates per-layer expert loads and router entropies of the MoE layers through forward hooks.
-
-    A forward hook on every MoE block reads the block's input and token mask, asks the block's own
-    ``route()`` for the router scores (the exact code path of training and inference), and adds:
-    the block's ``last_counts`` (tokens per expert of that forward, padding excluded by the model) and
-    the entropy of the per-token router distribution over the non-padding tokens (sigmoid scores are
-    normalised to sum to 1 first).
-    """
-
-    def __init__(self, model):
-        self.modules = _moe_modules(model)
-        self.enabled = bool(self.modules)
-        cfg = model.config
-        self.n_experts = int(getattr(cfg, "n_routed_experts", 0) or 0) if self.enabled else 0
-        self.top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0) if self.enabled else 0
-        n = len(self.modules)
-        self.counts = np.zeros((n, self.n_experts), dtype=np.float64)
-        self.entropy_sum = np.zeros(n, dtype=np.float64)
-        self.n_tokens = np.zeros(n, dtype=np.float64)
-        self._handles = [m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.modules)]
-
-    def _hook(self, layer: int):
-        @torch.no_grad()
-        def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs["x"]
-            mask = args[1] if len(args) > 1 else kwargs.get("token_mask")
-            flat = x.reshape(-1, x.shape[-1])
-            scores = module.route(flat)[0].float()
-            probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
-            if mask is not None:
-                probs = probs[mask.reshape(-1).bool()]
-            ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
-            self.entropy_sum[layer] += float(ent.sum())
-            self.n_tokens[layer] += probs.shape[0]
-            self.counts[layer] += module.last_counts.double().cpu().numpy()
-
-        return hook
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def stats(self) -> dict | None:
-        if not self.enabled:
-            return None
-        layers = []
-        for layer in range(len(self.modules)):
-            c = self.counts[layer]
-            total = c.sum()
-            frac = c / total if total > 0 else np.zeros_like(c)
-            mean = frac.mean() if frac.size else 0.0
-            layers.append({
-                "layer": layer,
-                "tokens": int(self.n_tokens[layer]),
-                "expert_counts": [int(v) for v in c],
-                "load_fraction": [float(v) for v in frac],
-                "max_violation": float(frac.max() / mean - 1.0) if mean > 0 else None,
-                "router_entropy": float(self.entropy_sum[layer] / max(self.n_tokens[layer], 1)),
-                "load_entropy": float(-(frac[frac > 0] * np.log(frac[frac > 0])).sum()),
-            })
-        return {"n_moe_layers": len(layers), "n_routed_experts": self.n_experts, "top_k": self.top_k,
-                "router_entropy_max": math.log(self.n_experts) if self.n_experts else None,
-                "layers": layers,
-                "max_violation_mean": float(np.mean([lay["max_violation"] for lay in layers])),
-                "router_entropy_mean": float(np.mean([lay["router_entropy"] for lay in layers]))}
-
-
 # ---------------------------------------------------------------------------------------------- loss
 
 
@@ -309,16 +219,15 @@ def items_loss(model, items: list[dict], pad_id: int, batch_size: int = 8,
     """Token-weighted NLL of ``model`` on ``items``; per-item sums/counts for bootstraps."""
     model.eval()
     device = device or next(model.parameters()).device
+    collate = pad_collate(pad_id)
     nll_sum, n_tok = [], []
     for start in range(0, len(items), batch_size):
-        batch = _pad(items[start:start + batch_size], pad_id)
+        batch = collate([{"input_ids": it["input_ids"], "targets": it["targets"]}
+                         for it in items[start:start + batch_size]])
         ids, tgt, mask = (batch[k].to(device) for k in ("input_ids", "targets", "attention_mask"))
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                              reduction="none").reshape(tgt.shape)
-        valid = tgt != -100
-        nll_sum.extend((nll * valid).sum(1).double().cpu().tolist())
-        n_tok.extend(valid.sum(1).cpu().tolist())
+        s, c = sequence_nll(model(input_ids=ids, attention_mask=mask).logits, tgt)
+        nll_sum.extend(s.double().cpu().tolist())
+        n_tok.extend(c.cpu().tolist())
     keep = [i for i, c in enumerate(n_tok) if c > 0]
     nll_sum, n_tok = [nll_sum[i] for i in keep], [n_tok[i] for i in keep]
     if not n_tok:

@@ -91,12 +91,23 @@ def test_model_auto_and_moe_twins():
     assert resolve_model_spec(a, on_gpu=False)[0] == "mateconv-moe-tiny"
 
 
-def test_dtype_resolution_on_cpu():
+def test_dtype_resolution_on_cpu(monkeypatch):
+    monkeypatch.delenv("MATECONV_DTYPE", raising=False)
     dt, note = resolve_dtype("float32", torch.device("cpu"))
     assert dt is None
     dt, note = resolve_dtype("bfloat16", torch.device("cpu"))
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     assert (dt == torch.bfloat16) == bool(amx), note
+    # $MATECONV_DTYPE replaces the automatic choice (auto / bfloat16), never an explicit float32
+    for env, want in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp32", None), ("float32", None)):
+        monkeypatch.setenv("MATECONV_DTYPE", env)
+        for req in ("auto", "bfloat16"):
+            dt, note = resolve_dtype(req, torch.device("cpu"))
+            assert dt == want and "MATECONV_DTYPE" in note
+        assert resolve_dtype("float32", torch.device("cpu"))[0] is None
+    monkeypatch.setenv("MATECONV_DTYPE", "half")
+    with pytest.raises(ValueError, match="MATECONV_DTYPE"):
+        resolve_dtype("auto", torch.device("cpu"))
 
 
 def test_default_count_units_and_loss():

@@ -111,9 +111,35 @@ def _cpu_has_fast_bf16() -> bool:
         return False
 
 
+#: environment variable that replaces the automatic precision choice (``--dtype auto|bfloat16``):
+#: ``bf16`` / ``bfloat16`` or ``fp32`` / ``float32``. An explicit ``--dtype float32|float16`` is kept.
+DTYPE_ENV = "MATECONV_DTYPE"
+_FORCED = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+
+
+def forced_dtype() -> str | None:
+    """``$MATECONV_DTYPE`` as ``"bfloat16"`` / ``"float32"``, or None when unset."""
+    raw = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in _FORCED:
+        raise ValueError(f"${DTYPE_ENV}={raw!r}: expected one of bf16, bfloat16, fp32, float32")
+    return _FORCED[raw]
+
+
 def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """-> (autocast dtype or None, explanation)."""
+    """-> (autocast dtype or None for float32, explanation).
+
+    ``auto`` and ``bfloat16`` are the automatic choice: bfloat16 where it is fast (CUDA with bf16, CPU with
+    AMX), else float16 with loss scaling (older GPUs) or float32 (CPU without AMX). ``$MATECONV_DTYPE``
+    replaces that choice (to run every path on any machine, e.g. the test suite with bf16 and fp32 forced).
+    """
     req = requested or "bfloat16"
+    forced = forced_dtype() if req in ("auto", "bfloat16") else None
+    if forced == "bfloat16":
+        return torch.bfloat16, f"bfloat16 autocast (forced by ${DTYPE_ENV})"
+    if forced == "float32":
+        return None, f"float32 (forced by ${DTYPE_ENV})"
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
         if req in ("auto", "bfloat16"):
