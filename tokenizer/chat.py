@@ -1,0 +1,299 @@
+"""The one chat-prompt encoder: messages -> token ids (and a loss mask), used by datasets, serving,
+evaluation, preference generation and ``chat.py``.
+
+The MateConv template (docs/ARCHITECTURE.md)::
+
+    <s>system\\n{s}</s>\\n            (optional, first)
+    <s>user\\n{q}</s>\\n<s>assistant\\n{a}</s>\\n ...
+    <s>assistant\\n                  (the generation prompt)
+
+**Message content is always plain text.** Only the template's own markers (``<s>``, ``</s>``) become
+special ids; a ``</s>`` or ``<s>`` typed inside a message is encoded as ordinary text, so a user
+message cannot close its turn and open a system turn. The conversation is built as *chunks*
+(template text or message content); template text is split at special-token strings, content is
+never split. Text between two markers is encoded as one piece, exactly as Hugging Face encodes a
+whole rendered string (it also cuts at special tokens first and encodes the text between them on
+its own): for ordinary messages the ids are those of ``tok(rendered_text, add_special_tokens=False)``.
+
+A tokenizer with its own ``chat_template``: when the template renders exactly the MateConv chunks on
+probe conversations (ours does) the fast built-in rendering is used; otherwise the template is
+rendered with placeholder contents, so its markers are known and the real contents are put back as
+plain text. A template that drops or repeats a placeholder (or refuses the messages) falls back to
+rendering the real text (:func:`encode_chat`, what serving did before) or to the MateConv template
+(:func:`encode_conversation`, what the SFT/preference datasets did before).
+
+Loss mask (:meth:`ChatEncoder.encode_many`): True on assistant answer tokens and the end token that
+closes them; ``loss_on="all"`` (SFT: every assistant answer) or ``"last"`` (preference targets: only
+the final answer; earlier answers are context). The answer is encoded separately from its
+``assistant\\n`` header, as the model generates it after the generation prompt.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+ROLES = ("system", "user", "assistant")
+
+# chunk: (text, is_content, is_target)
+Chunk = tuple[str, bool, bool]
+
+_PLACEHOLDER = "\ue000MateConv{}\ue001"
+_PLACEHOLDER_RE = re.compile("\ue000MateConv(\\d+)\ue001")
+_PROBES = (
+    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}],
+    [{"role": "system", "content": "S1"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}],
+)
+
+
+def check_messages(messages: Sequence[dict]) -> list[dict]:
+    """``[{"role", "content"}]`` with str content encodable as UTF-8; ValueError naming the message otherwise."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}].role must be a non-empty string")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"messages[{i}].content is not valid Unicode text ({e.reason} at character "
+                             f"{e.start})") from None
+        out.append({"role": role, "content": content})
+    return out
+
+
+class ChatEncoder:
+    """Chat encoding for one tokenizer (holds the per-tokenizer decisions and the batch encoder).
+
+    ``template``: ``"auto"`` (the tokenizer's chat template when it has one, else MateConv) or
+    ``"mateconv"`` (always the original template). ``encode_texts``: a ``list[str] -> list[ids]``
+    batch encoder equal to ``tok.encode(text, add_special_tokens=False)`` per text (the datasets
+    pass ``dataset.build_bin.batch_encoder(tok)``); default: ``tokenizer.fast_encode`` when it
+    applies, else the tokenizer's own batch call.
+    """
+
+    def __init__(self, tokenizer, template: str = "auto", encode_texts: Callable | None = None):
+        if template not in ("auto", "mateconv"):
+            raise ValueError("template must be 'auto' or 'mateconv'")
+        self.tok = tokenizer
+        self.template = template
+        self.bos = tokenizer.bos_token or "<s>"
+        self.eos = tokenizer.eos_token or "</s>"
+        specials = {str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t}
+        for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(added, "special", False) and str(added):
+                specials.add(str(added))
+        self.special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
+        self.special_ids = {s: int(i) for s, i in self.special_ids.items() if isinstance(i, int) and i >= 0}
+        alts = sorted(self.special_ids, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, alts))) if alts else None
+        self.end_tokens = sorted({self.eos, *self.special_ids}, key=len, reverse=True)
+        self._encode_texts = encode_texts
+        self.use_template = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self._same_as_builtin = {False: True, True: True}
+        if self.use_template:
+            for k, probe in enumerate(_PROBES):
+                same = self._templated(probe, False, "all") == self._merge(self._builtin(probe, False, "all"))
+                same = same and (self._templated(probe[:-1], True, "all")
+                                 == self._merge(self._builtin(probe[:-1], True, "all")))
+                self._same_as_builtin[bool(k)] = same
+
+    def __getstate__(self):  # the batch encoder is rebuilt in the process that uses it
+        state = dict(self.__dict__)
+        state["_encode_texts"] = None
+        return state
+
+    # -- rendering to chunks ---------------------------------------------------------------------
+
+    def _builtin(self, msgs: Sequence[dict], gen: bool, loss_on: str) -> list[Chunk]:
+        b, e = self.bos, self.eos
+        last = max((k for k, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+        out: list[Chunk] = []
+        for k, m in enumerate(msgs):
+            tgt = m["role"] == "assistant" and (loss_on == "all" or (loss_on == "last" and k == last))
+            out += [(f"{b}{m['role']}\n", False, False), (m["content"], True, tgt), (e, False, tgt),
+                    ("\n", False, False)]
+        if gen:
+            out.append((f"{b}assistant\n", False, False))
+        return out
+
+    def _templated(self, msgs: Sequence[dict], gen: bool, loss_on: str) -> list[Chunk] | None:
+        """Chunks from the tokenizer's template rendered with placeholder contents (None: not usable)."""
+        holders = [{"role": m["role"], "content": _PLACEHOLDER.format(k)} for k, m in enumerate(msgs)]
+        try:
+            text = self.tok.apply_chat_template(holders, tokenize=False, add_generation_prompt=gen)
+        except Exception:  # the template refuses these messages
+            return None
+        if not isinstance(text, str):
+            return None
+        last = max((k for k, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+        out: list[Chunk] = []
+        pos, want = 0, 0
+        for match in _PLACEHOLDER_RE.finditer(text):
+            k = int(match.group(1))
+            if k != want:
+                return None
+            want += 1
+            m = msgs[k]
+            tgt = m["role"] == "assistant" and (loss_on == "all" or (loss_on == "last" and k == last))
+            out.append((text[pos:match.start()], False, False))
+            out.append((m["content"], True, tgt))
+            pos = match.end()
+            if tgt:  # the end token right after an answer is part of the target
+                for t in self.end_tokens:
+                    if text.startswith(t, pos):
+                        out.append((t, False, True))
+                        pos += len(t)
+                        break
+        if want != len(msgs):
+            return None
+        out.append((text[pos:], False, False))
+        return self._merge(out)
+
+    @staticmethod
+    def _merge(chunks: list[Chunk]) -> list[Chunk]:
+        merged: list[Chunk] = []
+        for c in chunks:
+            if not c[0] and not c[1]:
+                continue
+            if merged and not c[1] and not merged[-1][1] and merged[-1][2] == c[2]:
+                merged[-1] = (merged[-1][0] + c[0], False, c[2])
+            else:
+                merged.append(c)
+        return merged
+
+    def chunks(self, messages: Sequence[dict], add_generation_prompt: bool = False, loss_on: str = "none"
+               ) -> list[Chunk] | None:
+        """The conversation as chunks; None when the tokenizer's own template could not be used."""
+        if loss_on not in ("all", "last", "none"):
+            raise ValueError("loss_on must be 'all', 'last' or 'none'")
+        msgs = check_messages(messages)
+        if self.use_template and not self._same_as_builtin[bool(msgs) and msgs[0]["role"] == "system"]:
+            return self._templated(msgs, add_generation_prompt, loss_on)
+        return self._merge(self._builtin(msgs, add_generation_prompt, loss_on))
+
+    # -- chunks to ids ---------------------------------------------------------------------------
+
+    def _runs(self, chunks: list[Chunk]) -> list[list]:
+        """``["text", str, target, plain]`` / ``["id", token_id, target]``: markers cut, text merged."""
+        runs: list[list] = []
+        for text, is_content, tgt in chunks:
+            if is_content or self._special_re is None:
+                parts = [(text, None)]
+            else:
+                parts, pos = [], 0
+                for m in self._special_re.finditer(text):
+                    parts += [(text[pos:m.start()], None), (m.group(), self.special_ids[m.group()])]
+                    pos = m.end()
+                parts.append((text[pos:], None))
+            for s, sid in parts:
+                if sid is not None:
+                    runs.append(["id", sid, tgt])
+                    continue
+                if not s:
+                    continue
+                plain = bool(is_content and self._special_re is not None and self._special_re.search(s))
+                if runs and runs[-1][0] == "text" and runs[-1][2] == tgt:
+                    runs[-1][1] += s
+                    runs[-1][3] = runs[-1][3] or plain
+                else:
+                    runs.append(["text", s, tgt, plain])
+        return runs
+
+    def _encoder(self) -> Callable:
+        if self._encode_texts is None:
+            from .fast_encode import fast_encoder
+
+            enc, _ = fast_encoder(self.tok)
+            self._encode_texts = enc.encode if enc is not None else (
+                lambda texts: self.tok(texts, add_special_tokens=False)["input_ids"])
+        return self._encode_texts
+
+    def _encode_runs(self, all_runs: list[list[list]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        normal = [r[1] for runs in all_runs for r in runs if r[0] == "text" and not r[3]]
+        plain = [r[1] for runs in all_runs for r in runs if r[0] == "text" and r[3]]
+        enc_normal = iter(self._encoder()(normal) if normal else [])
+        # text holding special-token strings (only message content): encoded with them as plain text
+        enc_plain = iter(self.tok(plain, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                         if plain else [])
+        out = []
+        for runs in all_runs:
+            ids, mask = [], []
+            for r in runs:
+                if r[0] == "id":
+                    e = np.asarray([r[1]], dtype=np.int64)
+                else:
+                    e = np.asarray(next(enc_plain) if r[3] else next(enc_normal), dtype=np.int64)
+                ids.append(e)
+                mask.append(np.full(len(e), r[2], dtype=bool))
+            out.append((np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                        np.concatenate(mask) if mask else np.zeros(0, bool)))
+        return out
+
+    def _fallback_text_runs(self, messages: Sequence[dict], gen: bool) -> list[list]:
+        """The tokenizer's template rendered with the real text (when placeholders do not survive it)."""
+        text = self.tok.apply_chat_template(check_messages(messages), tokenize=False, add_generation_prompt=gen)
+        return self._runs([(text, False, False)])
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def encode_many(self, conversations: Sequence[Sequence[dict]], loss_on: str = "all", *,
+                    add_generation_prompt: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Batch-encode conversations -> ``[(ids int64, loss mask bool)]`` (mask per ``loss_on``)."""
+        all_runs = []
+        for conv in conversations:
+            ch = self.chunks(conv, add_generation_prompt, loss_on)
+            if ch is None:  # the tokenizer's template is not usable here: the original template
+                ch = self._merge(self._builtin(check_messages(conv), add_generation_prompt, loss_on))
+            all_runs.append(self._runs(ch))
+        return self._encode_runs(all_runs)
+
+    def encode_prompts(self, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool = True
+                       ) -> list[list[int]]:
+        """Batch version of :func:`encode_chat`."""
+        all_runs = []
+        for conv in conversations:
+            ch = self.chunks(conv, add_generation_prompt, "none")
+            all_runs.append(self._runs(ch) if ch is not None else self._fallback_text_runs(conv, add_generation_prompt))
+        return [ids.tolist() for ids, _ in self._encode_runs(all_runs)]
+
+    def encode(self, messages: Sequence[dict], loss_on: str = "all") -> tuple[np.ndarray, np.ndarray]:
+        return self.encode_many([messages], loss_on)[0]
+
+
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def chat_encoder(tokenizer) -> ChatEncoder:
+    """The (cached) ``ChatEncoder(tokenizer, "auto")``; rebuilt when the tokenizer's template changes."""
+    key = getattr(tokenizer, "chat_template", None)
+    try:
+        hit = _ENCODERS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        return ChatEncoder(tokenizer)
+    if hit is None or hit[0] != key:
+        hit = (key, ChatEncoder(tokenizer))
+        _ENCODERS[tokenizer] = hit
+    return hit[1]
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat prompt (by default ending with the ``<s>assistant\\n`` generation prompt)."""
+    return chat_encoder(tokenizer).encode_prompts([messages], add_generation_prompt)[0]
+
+
+def encode_conversation(tokenizer, messages: Sequence[dict], loss_on: str = "all"
+                        ) -> tuple[list[int], list[bool]]:
+    """``(ids, loss_mask)`` of a whole conversation; mask on assistant answers + their end token
+    (``loss_on="all"``: every answer, as SFT; ``"last"``: only the final one, as preference targets)."""
+    ids, mask = chat_encoder(tokenizer).encode(messages, loss_on)
+    return ids.tolist(), mask.tolist()
