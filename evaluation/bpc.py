@@ -24,7 +24,7 @@ with :func:`model.losses.sequence_nll` (nats, fp32); then, over the sample,
   scored exactly once, a window's first prediction sees only the previous window's last token as context
   (no overlap), so long texts are not truncated and the character count is exact.
 * SFT answers (``{"conversations": [...]}`` JSONL, e.g. ``sft_validation.jsonl``): the conversation is
-  encoded by :class:`dataset.datasets.ChatEncoder` (the ``SFTDataset`` contract); the scored tokens are the
+  encoded by :func:`tokenizer.chat.encode_conversation` (the one chat encoder, the ``SFTDataset`` contract); the scored tokens are the
   assistant answers' tokens and each answer's end token; the prompt is context only. Characters =
   ``len()`` of the answer text(s). A conversation longer than ``max_seq_len + 1`` tokens is cut to one
   window of ``max_seq_len + 1`` tokens placed so that the **first answer and its end token are inside**
@@ -58,6 +58,7 @@ import torch
 
 from dataset.collate import pad_collate
 from model.losses import IGNORE_INDEX, sequence_nll
+from tokenizer.chat import encode_conversation
 
 LN2 = math.log(2.0)
 
@@ -151,11 +152,11 @@ def text_windows(tokenizer, text: str, max_seq_len: int, bos: int, eos: int) -> 
     return out, n_chars
 
 
-def answer_item(encoder, tokenizer, conversation: list[dict], max_seq_len: int) -> tuple[dict | None, int]:
+def answer_item(tokenizer, conversation: list[dict], max_seq_len: int) -> tuple[dict | None, int]:
     """The scored item of one SFT conversation (targets on answers + end tokens inside the window) and the
     characters of the answer text those targets cover (see module doc); ``(None, 0)`` when nothing is left."""
-    ids, mask = encoder.encode(conversation)
-    ids, mask = np.asarray(ids), np.asarray(mask).copy()
+    ids, mask = encode_conversation(tokenizer, conversation, loss_on="all")
+    ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool).copy()
     mask[0] = False
     if len(ids) > max_seq_len + 1 and mask.any():
         a = int(np.flatnonzero(mask)[0])  # the first answer's span [a, b)
@@ -247,11 +248,8 @@ class HeldoutBPC:
                 self.items += [(t, w) for w in wins]
                 self.chars.append(chars)
         else:
-            from dataset.datasets import ChatEncoder
-
-            enc = ChatEncoder(tokenizer)
             for rec in sample:
-                item, chars = answer_item(enc, tokenizer, rec["conversations"], self.max_seq_len)
+                item, chars = answer_item(tokenizer, rec["conversations"], self.max_seq_len)
                 if item is None:
                     self.n_skipped += 1
                     continue

@@ -78,17 +78,16 @@ def _conv(q, a, i=0, col="tang", task="qa"):
 
 
 def test_bpc_of_sft_answers_counts_answer_characters(tok, tmp_path):
-    from dataset.datasets import ChatEncoder
+    from tokenizer.chat import encode_conversation
 
     model = _model()
     recs = [_conv("请背诵《静夜思》。", TEXTS[0], 0), _conv("下一句？", "疑是地上霜。", 1)]
     path = tmp_path / "sft_validation.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     out = HeldoutBPC(tok, path, n=None, max_seq_len=128).evaluate(model)
-    enc = ChatEncoder(tok)
     nll, ntok = 0.0, 0
     for r in recs:
-        ids, mask = enc.encode(r["conversations"])
+        ids, mask = map(np.asarray, encode_conversation(tok, r["conversations"]))
         first = int(np.flatnonzero(mask)[0])
         assert mask[first:].sum() == len(tok(r["conversations"][1]["content"], add_special_tokens=False)
                                          ["input_ids"]) + 1  # the answer's tokens and its end token
