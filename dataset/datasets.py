@@ -19,20 +19,24 @@ tokens are exactly those the model has to generate.
 
 from __future__ import annotations
 
-import collections
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from model.losses import IGNORE_INDEX
+from tokenizer.chat import ChatEncoder
+
 from .build_bin import batch_encoder
-from .errors import DataError, Report, check_on_error, missing_file
-from .jsonl import iter_jsonl, ordered_map
+from .chat_store import open_store
+from .errors import DataError, Report, check_on_error, missing_file, no_records
 from .prepare import check_conversations, to_canonical_pair
 
-IGNORE_INDEX = -100
+__all__ = ["ChatEncoder", "IGNORE_INDEX", "PretrainDataset", "SFTDataset", "PreferenceDataset", "pad_token_id",
+           "read_sidecar", "scan_max_id", "training_dataset"]
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a .bin for out-of-range ids
 FULL_SCAN_MAX_TOKENS = 1 << 28  # verify="auto": scan every id of files up to 256M tokens
 
@@ -162,172 +166,7 @@ class PretrainDataset(Dataset):
         return {"input_ids": torch.from_numpy(w[:-1].copy()), "targets": torch.from_numpy(w[1:].copy())}
 
 
-# --------------------------------------------------------------------------- chat encoding
-
-
-class ChatEncoder:
-    """Token ids + loss mask for a conversation; mask is True on assistant answers and their end token.
-
-    ``template="auto"`` uses the tokenizer's chat template when it has one (rendering prefixes with
-    ``add_generation_prompt=True`` to find where each answer starts), else the original MateConv
-    template ``<s>user\\n{q}</s>\\n<s>assistant\\n{a}</s>\\n`` (system: ``<s>system\\n{s}</s>\\n`` first).
-    ``template="mateconv"`` forces the original template.
-    """
-
-    def __init__(self, tokenizer, template: str = "auto"):
-        if template not in ("auto", "mateconv"):
-            raise ValueError("template must be 'auto' or 'mateconv'")
-        self.tok = tokenizer
-        self.bos = tokenizer.bos_token or "<s>"
-        self.eos = tokenizer.eos_token or "</s>"
-        self.use_template = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        specials = [t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t]
-        self.end_tokens = sorted({self.eos, *specials}, key=len, reverse=True)
-        self._encode_texts = batch_encoder(tokenizer)
-        # Rendering a Jinja template per turn is slow: when the tokenizer's template gives exactly the
-        # original MateConv pieces on probe conversations, use the (fast) built-in rendering.
-        self._same_as_builtin = {False: False, True: False}
-        if self.use_template:
-            for has_system in (False, True):
-                probe = ([{"role": "system", "content": "S1"}] if has_system else []) + [
-                    {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                    {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
-                self._same_as_builtin[has_system] = self._merge(self._templated(probe) or []) == \
-                    self._merge(self._builtin(probe))
-
-    # pieces: list of (text, is_target)
-    def _builtin(self, msgs: list[dict]) -> list[tuple[str, bool]]:
-        b, e = self.bos, self.eos
-        out = []
-        for m in msgs:
-            if m["role"] == "assistant":
-                out += [(f"{b}assistant\n", False), (m["content"] + e, True), ("\n", False)]
-            else:
-                out.append((f"{b}{m['role']}\n{m['content']}{e}\n", False))
-        return out
-
-    def _render(self, msgs, gen: bool) -> str:
-        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-    def _templated(self, msgs: list[dict]) -> list[tuple[str, bool]] | None:
-        out, done = [], ""
-        try:
-            for i, m in enumerate(msgs):
-                if m["role"] != "assistant":
-                    continue
-                prompt = self._render(msgs[:i], True)
-                full = self._render(msgs[:i + 1], False)
-                if not prompt.startswith(done) or not full.startswith(prompt):
-                    return None
-                ans = full[len(prompt):]
-                k = ans.find(m["content"])
-                if k < 0 or ans[:k].strip():
-                    return None
-                end = k + len(m["content"])
-                for t in self.end_tokens:
-                    if ans.startswith(t, end):
-                        end += len(t)
-                        break
-                out += [(prompt[len(done):] + ans[:k], False), (ans[k:end], True)]
-                done = prompt + ans[:end]
-            full = self._render(msgs, False)
-            if not full.startswith(done):
-                return None
-            out.append((full[len(done):], False))
-            return out
-        except Exception:  # template refuses these messages: fall back to the original template
-            return None
-
-    def pieces(self, msgs: list[dict], last_only: bool = False) -> list[tuple[str, bool]]:
-        """Text pieces with their target flag; ``last_only``: only the last answer is a target."""
-        pieces = None
-        if self.use_template and not self._same_as_builtin[bool(msgs) and msgs[0]["role"] == "system"]:
-            pieces = self._templated(msgs)
-        if pieces is None:
-            pieces = self._builtin(msgs)
-        if last_only:
-            last = max((k for k, (_, t) in enumerate(pieces) if t), default=-1)
-            pieces = [(text, tgt and k == last) for k, (text, tgt) in enumerate(pieces)]
-        return self._merge(pieces)
-
-    @staticmethod
-    def _merge(pieces):
-        merged: list[tuple[str, bool]] = []
-        for text, tgt in pieces:  # join neighbouring prompt pieces so they tokenize like the whole prompt
-            if not text:
-                continue
-            if merged and not tgt and not merged[-1][1]:
-                merged[-1] = (merged[-1][0] + text, False)
-            else:
-                merged.append((text, tgt))
-        return merged
-
-    def encode_many(self, conversations: list[list[dict]], last_only: bool = False
-                    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Batch-encode conversations -> list of (ids int64, mask bool)."""
-        all_pieces = [self.pieces(c, last_only) for c in conversations]
-        flat = [t for p in all_pieces for t, _ in p]
-        enc = self._encode_texts(flat) if flat else []
-        out, j = [], 0
-        for p in all_pieces:
-            ids = [np.asarray(enc[j + k], dtype=np.int64) for k in range(len(p))]
-            j += len(p)
-            mask = [np.full(len(e), tgt, dtype=bool) for e, (_, tgt) in zip(ids, p)]
-            out.append((np.concatenate(ids) if ids else np.zeros(0, np.int64),
-                        np.concatenate(mask) if mask else np.zeros(0, bool)))
-        return out
-
-    def encode(self, msgs: list[dict], last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        return self.encode_many([msgs], last_only)[0]
-
-
-def shift_and_truncate(ids: np.ndarray, mask: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the start (at most ``max_seq_len + 1`` tokens) and pre-shift: ``(input_ids, targets)``."""
-    ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
-    inp = ids[:-1]
-    tgt = np.where(mask[1:], ids[1:], IGNORE_INDEX)
-    return inp, tgt
-
-
-class _Packed:
-    """Variable-length samples stored flat: the truncated token sequence (``uint16``, or ``int32``
-    for vocabularies over 65536) and a bool target mask (~3 bytes per token), plus offsets.
-    ``get`` shifts on the fly: ``input_ids = seq[:-1]``, ``targets = seq[1:]`` where masked, else -100."""
-
-    def __init__(self, vocab_size: int):
-        self.dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
-        self.parts_s, self.parts_m, self.lengths = [], [], []
-
-    def add(self, seq: np.ndarray, mask: np.ndarray):
-        self.parts_s.append(seq.astype(self.dtype))
-        self.parts_m.append(mask)
-        self.lengths.append(len(seq))
-
-    def finish(self):
-        self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=self.offsets[1:])
-        self.seq = np.concatenate(self.parts_s) if self.parts_s else np.zeros(0, self.dtype)
-        self.mask = np.concatenate(self.parts_m) if self.parts_m else np.zeros(0, bool)
-        del self.parts_s, self.parts_m, self.lengths
-        return self
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.seq.size)
-
-    def get(self, i):
-        a, b = self.offsets[i], self.offsets[i + 1]
-        seq = self.seq[a:b].astype(np.int64)
-        tgt = np.where(self.mask[a + 1:b], seq[1:], IGNORE_INDEX)
-        return torch.from_numpy(seq[:-1].copy()), torch.from_numpy(tgt)
-
-
-def _truncate(ids: np.ndarray, mask: np.ndarray, max_seq_len: int):
-    """Keep the start: at most ``max_seq_len + 1`` tokens (inputs and shifted targets both ``max_seq_len``)."""
-    ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
-    mask = mask.copy()
-    mask[0] = False  # the first token is never predicted
-    return ids, mask, bool(mask.any())
+# --------------------------------------------------------------------------- chat datasets
 
 
 def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -337,75 +176,101 @@ def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
     return idx
 
 
-_ENCODER: ChatEncoder | None = None
-_LAST_ONLY = False
+def _parse_sft(obj, path, line) -> list[list[dict]]:
+    return [check_conversations(obj.get("conversations"), path, line)]
 
 
-def _set_encoder(encoder: ChatEncoder, last_only: bool) -> None:
-    global _ENCODER, _LAST_ONLY
-    _ENCODER, _LAST_ONLY = encoder, last_only
-
-
-def _encode_task(conversations):
-    return _ENCODER.encode_many(conversations, _LAST_ONLY)
+def _parse_pair(obj, path, line) -> list[list[dict]]:
+    p = to_canonical_pair(obj, path, line)
+    return [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}],
+            p["prompt"] + [{"role": "assistant", "content": p["rejected"]}]]
 
 
 class _ChatDataset(Dataset):
-    batch_records = 256
-    last_only = False
+    """Shared by :class:`SFTDataset` and :class:`PreferenceDataset`: the tokenised store
+    (``dataset.chat_store``: built once per file and tokenizer, memory-mapped), the selection of the
+    records that fit ``max_seq_len`` and the bad-record bookkeeping."""
+
+    kind = ""
+    seq_per_record = 1
+    loss_on = "all"
+    _parse = staticmethod(_parse_sft)
+    _which = ("",)
 
     def __init__(self, jsonl_path, tokenizer, max_seq_len: int, *, on_error: str = "raise",
-                 template: str = "auto", limit: int | None = None, seed: int = 0, workers: int = 1):
+                 template: str = "auto", limit: int | None = None, seed: int = 0, workers: int = 1,
+                 cache_dir=None, too_long: str = "error", log=None):
         self.path = Path(jsonl_path)
         if not self.path.is_file():
-            raise missing_file(self.path, "input file")
+            raise missing_file(self.path, "input file" if not self.path.exists() else
+                               "input file (not a regular file)")
+        if max_seq_len < 1:
+            raise ValueError("max_seq_len must be >= 1")
+        if too_long not in ("error", "drop"):
+            raise ValueError(f"too_long must be 'error' or 'drop', got {too_long!r}")
         self.max_seq_len = int(max_seq_len)
         self.on_error = check_on_error(on_error)
-        self.encoder = ChatEncoder(tokenizer, template)
+        self.too_long = too_long
+        self.encoder = ChatEncoder(tokenizer, template, encode_texts=batch_encoder(tokenizer))
         self.report = Report(on_error, name=f"{type(self).__name__}({self.path.name})")
-        self.lines: list[int] = []  # source line of each kept sample
-        self._load(workers)
-        keep = _subsample(len(self.lines), limit, seed)
-        self.lines = [self.lines[i] for i in keep]
-        self._keep = keep
+        self.store = open_store(self.path, tokenizer, kind=self.kind, template=template, encoder=self.encoder,
+                                parse=self._parse, seq_per_record=self.seq_per_record, loss_on=self.loss_on,
+                                on_error=on_error, workers=max(1, int(workers)), cache_dir=cache_dir, log=log)
+        self._select(limit, seed)
 
-    def _batches(self):
-        batch = []
-        for line, obj in iter_jsonl(self.path, self.report):
-            try:
-                batch.append((line, self._parse(obj, line)))
-            except DataError as e:
-                self.report.error(e)
-            if len(batch) >= self.batch_records:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-    def _load(self, workers: int):
-        """Stream the file; parse here, tokenize in ``workers`` forked processes (input order kept)."""
-        pending: collections.deque = collections.deque()
-
-        def tasks():
-            for batch in self._batches():
-                pending.append(batch)
-                yield self._conversations(batch)
-
-        for encoded in ordered_map(_encode_task, tasks(), workers, initializer=_set_encoder,
-                                   initargs=(self.encoder, self.last_only)):
-            self._store(pending.popleft(), encoded)
-
-    def _too_long(self, line, what="") -> DataError:
+    def _too_long_error(self, line: int, what: str = "") -> DataError:
         return DataError(f"sample longer than the context ({self.max_seq_len} tokens): no {what}answer token "
                          "left after truncation", file=self.path, line=line, reason="too_long")
 
-    def __getstate__(self):  # picklable for spawn-started DataLoader workers: samples only
+    def _select(self, limit, seed):
+        st, rep = self.store, self.report
+        header = st.header
+        rep.seen = int(header["records_seen"])
+        if rep.seen == 0:
+            raise no_records(self.path, rep)
+        lines = st.lines
+        first = st.first_target.reshape(-1, self.seq_per_record)
+        cut = first > self.max_seq_len  # [records, sequences]: no target token within the context
+        long_idx = np.flatnonzero(cut.any(1))
+        bad = st.errors()  # recorded bad records (line order)
+
+        def long_err(k):
+            which = self._which[int(np.argmax(cut[k]))]
+            return self._too_long_error(int(lines[k]), which)
+
+        long_errs = [long_err(k) for k in long_idx[: rep.max_examples]] if self.too_long == "error" else []
+        if self.on_error == "raise":
+            cands = bad[:1] + long_errs[:1]
+            if cands:
+                raise min(cands, key=lambda e: e.line)
+        for reason, n in sorted(header["errors"]["counts"].items()):
+            rep.skipped[reason] += int(n)
+        if self.too_long == "error":
+            if len(long_idx):
+                rep.skipped["too_long"] += len(long_idx)
+        elif len(long_idx):
+            rep.drop("too_long", len(long_idx))
+        rep.examples = [str(e) for e in sorted(bad[: rep.max_examples] + long_errs, key=lambda e: e.line)
+                        ][: rep.max_examples]
+        kept = np.flatnonzero(~cut.any(1))
+        rep.keep(len(kept))
+        if len(kept) == 0:
+            raise no_records(self.path, rep, "samples")
+        self._keep = kept[_subsample(len(kept), limit, seed)]
+        self.lines = lines[self._keep].tolist()  # source line of each sample
+
+    def _pair(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.store.sequence(k, self.max_seq_len + 1)
+        tgt = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+        return torch.from_numpy(ids[:-1].copy()), torch.from_numpy(tgt)
+
+    def __getstate__(self):  # picklable for spawn-started DataLoader workers: no maps, no encoder
         state = dict(self.__dict__)
         state["encoder"] = None
         return state
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self._keep)
 
     @property
     def summary(self) -> dict:
@@ -415,36 +280,20 @@ class _ChatDataset(Dataset):
 class SFTDataset(_ChatDataset):
     """Canonical SFT JSONL -> ``{"input_ids", "targets"}`` (targets on assistant answers + end token).
 
-    Longer samples keep their start; a sample whose answers are all cut away raises "sample longer
-    than the context" (``on_error="skip"``: counted in ``summary`` and left out). ``limit`` with
-    ``seed`` keeps a deterministic random subset. The file is streamed and tokenized once, at
-    construction (``workers`` > 1: in forked processes, same result), and stored flat at ~3 bytes
-    per token; ``lines`` holds the source line of each sample, ``summary`` the kept/skipped counts.
+    Conversations are rendered by the one chat encoder (``tokenizer.chat``; message content is plain
+    text: a ``</s>`` typed in a message is text, not the end token). Longer samples keep their start;
+    a sample whose answers are all cut away is "longer than the context" (``too_long="error"``:
+    an error, raised or counted in ``summary`` per ``on_error``; ``"drop"``: counted as dropped).
+    ``limit`` with ``seed`` keeps a deterministic random subset. The file is tokenised once into a
+    memory-mapped store beside it (``<file>.mateconv-cache/``, or ``cache_dir``; see
+    ``dataset.chat_store``; ``workers`` processes build it, same result); ``lines`` holds the source
+    line of each sample, ``summary`` the kept/skipped counts.
     """
 
-    def _parse(self, obj, line):
-        return check_conversations(obj.get("conversations"), self.path, line)
-
-    def _conversations(self, batch):
-        return [m for _, m in batch]
-
-    def _store(self, batch, encoded):
-        for (line, _), (ids, mask) in zip(batch, encoded):
-            seq, m, ok = _truncate(ids, mask, self.max_seq_len)
-            if not ok:
-                self.report.error(self._too_long(line))
-                continue
-            self.report.keep()
-            self._samples.add(seq, m)
-            self.lines.append(line)
-
-    def _load(self, workers):
-        self._samples = _Packed(len(self.encoder.tok))
-        super()._load(workers)
-        self._samples.finish()
+    kind = "sft"
 
     def __getitem__(self, i: int) -> dict:
-        inp, tgt = self._samples.get(int(self._keep[i]))
+        inp, tgt = self._pair(int(self._keep[i]))
         return {"input_ids": inp, "targets": tgt}
 
 
@@ -456,39 +305,35 @@ class PreferenceDataset(_ChatDataset):
     "longer than the context".
     """
 
-    last_only = True
-
-    def _parse(self, obj, line):
-        return to_canonical_pair(obj, self.path, line)
-
-    def _conversations(self, batch):
-        convs = []
-        for _, p in batch:
-            convs.append(p["prompt"] + [{"role": "assistant", "content": p["chosen"]}])
-            convs.append(p["prompt"] + [{"role": "assistant", "content": p["rejected"]}])
-        return convs
-
-    def _store(self, batch, encoded):
-        for k, (line, _) in enumerate(batch):
-            c = _truncate(*encoded[2 * k], self.max_seq_len)
-            r = _truncate(*encoded[2 * k + 1], self.max_seq_len)
-            bad = [n for n, x in (("chosen ", c), ("rejected ", r)) if not x[2]]
-            if bad:
-                self.report.error(self._too_long(line, bad[0]))
-                continue
-            self.report.keep()
-            self._chosen.add(c[0], c[1])
-            self._rejected.add(r[0], r[1])
-            self.lines.append(line)
-
-    def _load(self, workers):
-        self._chosen, self._rejected = _Packed(len(self.encoder.tok)), _Packed(len(self.encoder.tok))
-        super()._load(workers)
-        self._chosen.finish()
-        self._rejected.finish()
+    kind = "prefs"
+    seq_per_record = 2
+    loss_on = "last"
+    _parse = staticmethod(_parse_pair)
+    _which = ("chosen ", "rejected ")
 
     def __getitem__(self, i: int) -> dict:
         j = int(self._keep[i])
-        ci, ct = self._chosen.get(j)
-        ri, rt = self._rejected.get(j)
+        ci, ct = self._pair(2 * j)
+        ri, rt = self._pair(2 * j + 1)
         return {"chosen_input_ids": ci, "chosen_targets": ct, "rejected_input_ids": ri, "rejected_targets": rt}
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def training_dataset(cls, path, tokenizer, max_seq_len: int, *, what: str = "data", log=None, **kw):
+    """``cls(path, tokenizer, max_seq_len, **kw)`` for a training stage: its summary is logged (main
+    process), and a data error ends the run with its located message and no traceback (``SystemExit``).
+    Samples longer than the context are counted as dropped (``too_long="drop"``) unless ``kw`` says."""
+    log = log or (print if _is_main_process() else None)
+    kw.setdefault("too_long", "drop")
+    try:
+        ds = cls(path, tokenizer, max_seq_len, log=log, **kw)
+    except DataError as e:
+        hint = "" if kw.get("on_error", "raise") == "skip" or e.reason in ("no_usable_records", "empty_file") \
+            else " (--on_error skip leaves bad records out and counts them)"
+        raise SystemExit(f"error: {what}: {e}{hint}") from None
+    if log:
+        log(ds.report.format())
+    return ds

@@ -59,7 +59,7 @@ def missing_file(path, what: str = "file") -> DataError:
     return DataError(f"{what} not found", file=path, reason="missing_file")
 
 
-def no_records(path, report: "Report", what: str = "records") -> DataError:
+def no_records(path, report: Report, what: str = "records") -> DataError:
     """The input held nothing usable: it is empty, or every record was skipped or dropped (reasons named)."""
     if isinstance(path, (list, tuple)):
         path = ", ".join(str(p) for p in path)

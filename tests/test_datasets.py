@@ -188,7 +188,7 @@ def test_any_chat_template_masks_exactly_the_answers():
     ids, mask = enc.encode(msgs)
     assert tok.decode(ids.tolist()) == tok.apply_chat_template(msgs, tokenize=False)
     assert tok.decode(ids[mask].tolist()) == "第一答</s>第二答</s>"
-    ids, mask = enc.encode(msgs, last_only=True)
+    ids, mask = enc.encode(msgs, loss_on="last")
     assert tok.decode(ids[mask].tolist()) == "第二答</s>"
     prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
     n = len(tok(prompt, add_special_tokens=False)["input_ids"])

@@ -7,6 +7,7 @@ Layout of a run directory (``<out_dir>/<run_name>/``)::
         latest                      # text file: name of the newest complete checkpoint
         step_0000200/
             config.json  model.safetensors  (+ MateConv code files, tokenizer files)
+            weights_checksums.json  # size + sha256 of model.safetensors, optimizer.pt, rng_rank*.pt
             trainer_state.json      # step, epoch, world size, batch geometry, seed, tokenizer fingerprint, ...
             optimizer.pt            # optimizer (+ fp16 grad scaler) state (plain / DDP runs)
             rng_rank{r}.pt          # RNG states of every rank
@@ -19,6 +20,11 @@ rename. A process killed at any moment therefore leaves the previous complete ch
 ``--keep_checkpoints`` checkpoints are kept. Multi-node runs need ``--out_dir`` on a filesystem that
 all nodes share.
 
+Damaged checkpoints: every weight file's size and sha256 are recorded in ``weights_checksums.json``
+(``model.integrity``) before ``trainer_state.json``; :func:`load_model_weights` checks them (and the
+safetensors structure) first and names a damaged file. ``--resume`` takes the newest checkpoint that
+passes the check (:func:`resume_checkpoint`), with a warning for each damaged one it passes over.
+
 ``resolve_checkpoint(path)`` accepts a checkpoint directory, a run directory or its ``checkpoints/``
 directory (-> the latest complete checkpoint). The HF directory loads with
 ``MateConvForCausalLM.from_pretrained(ckpt)`` and ``AutoModelForCausalLM.from_pretrained(ckpt,
@@ -29,14 +35,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
-STATE_FILE = "trainer_state.json"
-LATEST = "latest"
-_STEP_RE = re.compile(r"^step_(\d+)$")
+from model.integrity import CHECKSUM_FILE, DamagedWeightsError, checksum_files, verify_model_dir
+
+# checkpoint discovery lives in model/loading.py (model.load resolves run directories too): re-exported here
+from model.loading import (  # noqa: F401
+    LATEST,
+    STATE_FILE,
+    is_complete,
+    is_model_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
+
 # fault injection for tests: seconds to sleep inside the temporary directory, before the rename
 _PAUSE_ENV = "MATECONV_DEBUG_SAVE_PAUSE"
 
@@ -68,60 +83,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def is_complete(ckpt: Path) -> bool:
-    ckpt = Path(ckpt)
-    if not (ckpt / STATE_FILE).is_file():
-        return False
-    try:
-        return bool(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("complete"))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def is_model_dir(path: Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) or \
-        (path / "pytorch_model.bin").is_file()
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints under ``ckpt_root``, oldest first."""
-    ckpt_root = Path(ckpt_root)
-    if not ckpt_root.is_dir():
-        return []
-    found = []
-    for p in ckpt_root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and is_complete(p):
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    ckpt_root = Path(ckpt_root)
-    pointer = ckpt_root / LATEST
-    if pointer.is_file():
-        cand = ckpt_root / pointer.read_text(encoding="utf-8").strip()
-        if is_complete(cand):
-            return cand
-    ckpts = list_checkpoints(ckpt_root)
-    return ckpts[-1] if ckpts else None
-
-
-def resolve_checkpoint(path) -> Path | None:
-    """A checkpoint dir, a run dir or a ``checkpoints/`` dir -> the checkpoint directory (or None)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    if is_complete(path) or (is_model_dir(path) and not (path / "checkpoints").is_dir()):
-        return path
-    for root in (path / "checkpoints", path):
-        c = latest_checkpoint(root)
-        if c is not None:
-            return c
-    return None
-
-
 def read_state(ckpt: Path) -> dict:
     p = Path(ckpt) / STATE_FILE
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
@@ -145,6 +106,7 @@ def finalize(ckpt_root: Path, step: int, state: dict, keep: int) -> Path:
     ckpt_root = Path(ckpt_root)
     tmp = tmp_dir(ckpt_root, step)
     state = dict(state, complete=True, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_atomic(tmp / CHECKSUM_FILE, json.dumps(checksum_files(tmp), indent=2))
     write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2, ensure_ascii=False))
     _fsync_dir(tmp)
     pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
@@ -190,9 +152,13 @@ def load_model_weights(model, ckpt: Path) -> None:
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors weights in {ckpt}")
+    verify_model_dir(ckpt)
     sd = {}
     for f in files:
-        sd.update(load_file(str(f)))
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OSError: name the file
+            raise DamagedWeightsError(f, f"{type(e).__name__}: {e}") from None
     own = model.state_dict()
     # tied embeddings: the saved file holds one of the two names
     for k in own:
@@ -209,3 +175,73 @@ def load_model_weights(model, ckpt: Path) -> None:
         raise ValueError(f"checkpoint {ckpt} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
     model.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+class ResumeError(SystemExit):
+    """``--resume`` cannot continue; the message is printed without a traceback (exit status 2)."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(f"error: {message}")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise ``DamagedWeightsError`` naming the file when a file of ``ckpt`` is damaged (all recorded
+    files: weights, optimizer state, RNG states)."""
+    verify_model_dir(ckpt, only_weights=False)
+
+
+def resume_checkpoint(ckpt_root: Path, requested: str = "latest", warn=print) -> Path:
+    """The checkpoint ``--resume`` continues from.
+
+    ``requested="latest"``: the newest complete checkpoint of ``ckpt_root`` that passes
+    :func:`verify_checkpoint`; each damaged one passed over is reported with ``warn``. Another value
+    is a checkpoint or run directory: it must be complete and intact. Raises :class:`ResumeError`
+    (a clear message, no traceback) when there is nothing to resume from.
+    """
+    ckpt_root = Path(ckpt_root)
+    if requested != "latest":
+        ck = resolve_checkpoint(requested)
+        if ck is None or not is_complete(ck):
+            raise ResumeError(f"--resume {requested}: not a complete trainer checkpoint (no {STATE_FILE} marked "
+                              f"complete there)")
+        try:
+            verify_checkpoint(ck)
+        except DamagedWeightsError as e:
+            raise ResumeError(f"--resume {requested}: {e}") from None
+        return ck
+    cands = list_checkpoints(ckpt_root)[::-1]
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None and latest in cands:
+        cands.remove(latest)
+        cands.insert(0, latest)
+    if not cands:
+        raise ResumeError(f"--resume: no complete checkpoint in {ckpt_root}: nothing to resume (run without "
+                          f"--resume to start this run, or pass --resume PATH)")
+    damaged = []
+    for ck in cands:
+        try:
+            verify_checkpoint(ck)
+        except DamagedWeightsError as e:
+            damaged.append(str(e))
+            warn(f"warning: {e}; falling back to an older checkpoint")
+            continue
+        if damaged:
+            warn(f"warning: resuming from {ck.name}, the newest checkpoint that passes the check "
+                 f"({len(damaged)} newer one(s) damaged)")
+        return ck
+    raise ResumeError(f"--resume: every checkpoint in {ckpt_root} is damaged: " + "; ".join(damaged))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory can be written (checked before any work): else exit with one clear message."""
+    from dataset.paths import OutputPathError, check_output_dir
+
+    try:
+        check_output_dir(run_dir, "run directory")
+        check_output_dir(Path(run_dir) / "checkpoints", "checkpoint directory")
+    except OutputPathError as e:
+        raise SystemExit(f"error: {e} (choose another --out_dir / --run_name)") from None

@@ -351,16 +351,10 @@ class Trainer:
         self.run_name = a.run_name or f"{self.task.name}_{self.model_tag}"
         self.run_dir = Path(a.out_dir) / self.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
+        ckpt_lib.check_run_dir(self.run_dir)  # before any work: one message, exit 2
         self.resume_from = None
-        if a.resume:
-            if a.resume == "latest":
-                self.resume_from = ckpt_lib.latest_checkpoint(self.ckpt_root)
-                if self.resume_from is None:
-                    raise FileNotFoundError(f"--resume: no complete checkpoint in {self.ckpt_root}")
-            else:
-                self.resume_from = ckpt_lib.resolve_checkpoint(a.resume)
-                if self.resume_from is None or not ckpt_lib.is_complete(self.resume_from):
-                    raise FileNotFoundError(f"--resume {a.resume}: not a complete trainer checkpoint")
+        if a.resume:  # the newest intact checkpoint (damaged ones are named and passed over), or exit 2
+            self.resume_from = ckpt_lib.resume_checkpoint(self.ckpt_root, a.resume, warn=self.log_pending.append)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
