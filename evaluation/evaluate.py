@@ -35,7 +35,7 @@ SCHEMA_VERSION = 1
 
 def resolve(path) -> Path:
     """A checkpoint dir, or a trainer run dir / its ``checkpoints/`` (-> the latest complete checkpoint)."""
-    from serving.engine import resolve_model_dir
+    from model.loading import resolve_model_dir
 
     return resolve_model_dir(path)
 
@@ -43,13 +43,13 @@ def resolve(path) -> Path:
 def load_checkpoint(path, device: str = "cpu"):
     """A checkpoint directory (``save_pretrained`` layout; a trainer run directory resolves to its latest
     complete checkpoint) -> model in eval mode. A missing checkpoint is an error, never a random model."""
-    from model import MateConvForCausalLM
+    from model.loading import load_model_dir
 
-    path = resolve(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing): refusing to evaluate a random model")
-    model = MateConvForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model.to(device).eval()
+    try:
+        path = resolve(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: refusing to evaluate a random model") from None
+    return load_model_dir(path, device=device, dtype=torch.float32)
 
 
 def load_eval_tokenizer(tokenizer_path, checkpoint=None):

@@ -1,8 +1,9 @@
-"""MateConv model package: ``from model import MateConvConfig, MateConvForCausalLM, get_config``."""
+"""MateConv model package: ``from model import MateConvConfig, MateConvForCausalLM, get_config, load``."""
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_mateconv import MateConvConfig
+from .loading import load
 from .modeling_mateconv import MateConvCausalLMOutput, MateConvForCausalLM, MateConvModel
 
 
@@ -35,5 +36,6 @@ __all__ = [
     "MateConvModel",
     "MateConvCausalLMOutput",
     "get_config",
+    "load",
     "parameter_report",
 ]

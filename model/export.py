@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 
 import torch
 
@@ -320,11 +319,12 @@ def main(argv=None) -> None:
     ap.add_argument("--src", required=True, help="checkpoint directory or trainer run directory (MateConv, or native llama/granitemoeshared/glm4_moe)")
     ap.add_argument("--dst", required=True, help="output directory")
     args = ap.parse_args(argv)
-    src = Path(args.src)
-    if not (src / "config.json").is_file():  # a trainer run directory: its latest complete checkpoint
-        from trainer.checkpoint import resolve_checkpoint
+    from .loading import resolve_model_dir
 
-        src = resolve_checkpoint(src) or src
+    try:  # a run directory or a pipeline run: its checkpoint (model.load's resolution)
+        src = resolve_model_dir(args.src)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         arch = convert(src, args.dst)
     except ExportError as e:

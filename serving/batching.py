@@ -81,7 +81,10 @@ class Batcher:
                     fut.set_exception(e)
                 continue
             for (_, fut), res in zip(batch, results):
-                fut.set_result(res)
+                if isinstance(res, Exception):  # this request alone could not run (e.g. a bad seed)
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
 
 
 def _rows(job: Job) -> int:
