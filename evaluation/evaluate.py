@@ -37,7 +37,10 @@ def resolve(path) -> Path:
     """A checkpoint dir, or a trainer run dir / its ``checkpoints/`` (-> the latest complete checkpoint)."""
     from model.loading import resolve_model_dir
 
-    return resolve_model_dir(path)
+    try:
+        return resolve_model_dir(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: refusing to evaluate a random model") from None
 
 
 def load_checkpoint(path, device: str = "cpu"):
@@ -45,11 +48,7 @@ def load_checkpoint(path, device: str = "cpu"):
     complete checkpoint) -> model in eval mode. A missing checkpoint is an error, never a random model."""
     from model.loading import load_model_dir
 
-    try:
-        path = resolve(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}: refusing to evaluate a random model") from None
-    return load_model_dir(path, device=device, dtype=torch.float32)
+    return load_model_dir(resolve(path), device=device, dtype=torch.float32)
 
 
 def load_eval_tokenizer(tokenizer_path, checkpoint=None):

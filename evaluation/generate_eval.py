@@ -21,7 +21,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .heldout import _heldout_records, _jsonl, _special_ids, check_heldout_path, train_overlap
 from .metrics import (
@@ -60,47 +59,26 @@ def load_heldout_examples(path, split: str | None = None, max_examples: int | No
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The prompt text up to and including the assistant header (tokenizer template, else original)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos, eos = tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>"
-    text = "".join(f"{bos}{m['role']}\n{m['content']}{eos}\n" for m in messages)
-    return text + f"{bos}assistant\n"
+    """The prompt text up to and including the assistant header (for the records; the ids come from
+    ``tokenizer.chat.encode_chat``, the one chat encoder, which keeps message content plain text)."""
+    from tokenizer.chat import encode_chat
+
+    return tokenizer.decode(encode_chat(tokenizer, messages), skip_special_tokens=False)
 
 
-@torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int = 64,
                     batch_size: int = 8) -> list[dict]:
     """Greedy decoding of token-id prompts -> ``[{"ids": new ids before eos, "stopped_on_eos": bool}]``.
 
-    Left padding + attention mask, decoded by ``model.generation.stream_generate`` (preallocated KV cache);
-    ``max_new_tokens`` counts generated tokens only; the end token is not part of ``ids``."""
-    from model.generation import stream_generate
+    ``model.generation.decode`` (the one decoding loop: left padding, KV cache), ``batch_size`` prompts
+    at a time; ``max_new_tokens`` counts generated tokens only; the end token is not part of ``ids``."""
+    from model.generation import decode
 
-    model.eval()
-    device = next(model.parameters()).device
     results: list[dict] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        n = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, n - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, n - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        gen = [[] for _ in chunk]
-        stopped = [False] * len(chunk)
-        for tok in stream_generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                   temperature=0.0, eos_token_id=eos_id, pad_token_id=pad_id):
-            for i, t in enumerate(tok.tolist()):
-                if stopped[i]:
-                    continue
-                if t == eos_id:
-                    stopped[i] = True
-                else:
-                    gen[i].append(t)
-        results.extend({"ids": g, "stopped_on_eos": s} for g, s in zip(gen, stopped))
+        ids, reasons = decode(model, chunk, max_new_tokens, eos_token_ids=[eos_id], pad_token_id=pad_id)
+        results.extend({"ids": g, "stopped_on_eos": r == "stop"} for g, r in zip(ids, reasons))
     return results
 
 
@@ -108,8 +86,10 @@ def generate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int
                      batch_size: int = 8) -> list[dict]:
     """Generate, decode and score every example -> per-example records (see module doc)."""
     _, eos, pad = _special_ids(tokenizer, model.config)
-    prompts_text = [render_prompt(tokenizer, ex["messages"]) for ex in examples]
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts_text]
+    from tokenizer.chat import chat_encoder
+
+    prompts = chat_encoder(tokenizer).encode_prompts([ex["messages"] for ex in examples])
+    prompts_text = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos:  # keep the end of over-long prompts so prompt + answer fit the trained context
         prompts = [p[-max(1, max_pos - max_new_tokens):] for p in prompts]
