@@ -4,7 +4,8 @@
   One call asks for ``n=K`` answers; an endpoint that returns fewer (Ollama ignores ``n``) is topped
   up with single calls, and one that rejects ``n`` is asked K times from then on.
 - :class:`LocalGenerator`: samples from a checkpoint directly (on-policy pairs), several prompts x K
-  samples per batch with one KV cache (``serving.engine.Engine``).
+  samples per batch with one KV cache: ``model.load``, ``tokenizer.chat`` and the one decoding loop
+  (``model.generation.generate_requests``), exactly what the server runs.
 
 ``generate(prompts)`` returns, per prompt, a :class:`Candidates` or a :class:`PromptFailed`.
 """
@@ -98,40 +99,57 @@ class OpenAIGenerator:
 
 
 class LocalGenerator:
-    """K samples per prompt from a checkpoint; ``batch_size`` prompts per forward batch."""
+    """K samples per prompt from a checkpoint; ``batch_size`` prompts per forward batch.
+
+    One batch is one request of ``n=K`` samples per prompt with a seed fixed by ``seed`` and the
+    batch's prompt ids (:meth:`batch_seed`): the server answers the same request (same prompt ids,
+    ``n``, ``seed``, sampling settings) with the same tokens."""
 
     def __init__(self, model_dir: str, k: int, temperature: float, top_p: float, max_tokens: int,
                  batch_size: int = 16, tokenizer: str | None = None, device: str = "cpu", seed: int = 42,
-                 engine=None):
-        from serving.engine import Engine
+                 model=None):
+        from pathlib import Path
 
-        self.engine = engine if engine is not None else Engine.from_dir(model_dir, tokenizer, device=device)
+        from model.generation import context_length
+
+        if model is None:
+            from model import load
+
+            self.model, self.tokenizer = load(model_dir, device=device, tokenizer=tokenizer)
+        else:  # (model, tokenizer) already loaded
+            self.model, self.tokenizer = model
+        self.max_context = context_length(self.model, self.tokenizer)
         self.k, self.temperature, self.top_p, self.max_tokens = k, temperature, top_p, max_tokens
         self.batch_size = max(1, batch_size)
         self.seed = seed
-        self.name = f"local:{self.engine.model_name}"
+        self.name = f"local:{Path(model_dir).resolve().name if model_dir else 'model'}"
+
+    def batch_seed(self, prompt_ids: list[str]) -> int:
+        """The seed of a batch: fixed by the run's seed and the batch's prompt ids."""
+        h = hashlib.sha256(f"{self.seed}:{','.join(prompt_ids)}".encode()).digest()
+        return int.from_bytes(h[:8], "little") % (2**63)
 
     def generate(self, prompts: list[Prompt]) -> list[Candidates | PromptFailed]:
-        eng = self.engine
+        from model.generation import Request, generate_requests
+        from tokenizer.chat import encode_chat
+
         out: list[Candidates | PromptFailed | None] = [None] * len(prompts)
         ids, idx = [], []
         for i, p in enumerate(prompts):
             try:
-                toks = eng.encode_chat(p.messages)
+                toks = encode_chat(self.tokenizer, p.messages)
             except Exception as e:  # a template error is this prompt's problem only
                 out[i] = PromptFailed("bad_prompt", f"{type(e).__name__}: {e}")
                 continue
-            if len(toks) >= eng.max_context:
-                out[i] = PromptFailed("prompt_too_long", f"{len(toks)} tokens >= context {eng.max_context}")
+            if len(toks) >= self.max_context:
+                out[i] = PromptFailed("prompt_too_long", f"{len(toks)} tokens >= context {self.max_context}")
                 continue
             ids.append(toks)
             idx.append(i)
         if ids:
-            # a seed fixed by the batch's prompt ids: the same batch samples the same answers
-            h = hashlib.sha256(f"{self.seed}:{','.join(prompts[i].id for i in idx)}".encode()).digest()
-            seed = int.from_bytes(h[:8], "little") % (2**63)
-            comps = eng.generate(ids, n=self.k, max_tokens=self.max_tokens, temperature=self.temperature,
-                                 top_p=self.top_p, seed=seed)
+            req = Request(ids, n=self.k, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                          seed=self.batch_seed([prompts[i].id for i in idx]))
+            comps = generate_requests(self.model, self.tokenizer, [req], max_context=self.max_context)[0]
             for i, toks, cs in zip(idx, ids, comps):
                 ct = sum(c.completion_tokens for c in cs)
                 out[i] = Candidates([c.text for c in cs], {"prompt_tokens": len(toks) * self.k,

@@ -259,7 +259,7 @@ def run(cfg: PrefsConfig, prompts: list[Prompt], *, generator=None, judge=None, 
         generator, judge = generator or g, judge or j
     threads = cfg.threads
     if threads == 0 and isinstance(generator, LocalGenerator) and cfg.device == "cpu":
-        n_params = sum(p.numel() for p in generator.engine.model.parameters())
+        n_params = sum(p.numel() for p in generator.model.parameters())
         threads = 1 if n_params < 10_000_000 else 0  # tiny matrices: more threads only add overhead
     threads_before = None
     if threads > 0:
