@@ -36,7 +36,7 @@ from .errors import DataError, Report, check_on_error, missing_file, no_records
 from .prepare import check_conversations, to_canonical_pair
 
 __all__ = ["ChatEncoder", "IGNORE_INDEX", "PretrainDataset", "SFTDataset", "PreferenceDataset", "pad_token_id",
-           "read_sidecar", "scan_max_id", "training_dataset"]
+           "read_sidecar", "scan_max_id", "training_dataset", "add_data_args"]
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a .bin for out-of-range ids
 FULL_SCAN_MAX_TOKENS = 1 << 28  # verify="auto": scan every id of files up to 256M tokens
 
@@ -255,7 +255,7 @@ class _ChatDataset(Dataset):
         kept = np.flatnonzero(~cut.any(1))
         rep.keep(len(kept))
         if len(kept) == 0:
-            raise no_records(self.path, rep, "samples")
+            raise no_records(self.path, rep)
         self._keep = kept[_subsample(len(kept), limit, seed)]
         self.lines = lines[self._keep].tolist()  # source line of each sample
 
@@ -322,16 +322,34 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def training_dataset(cls, path, tokenizer, max_seq_len: int, *, what: str = "data", log=None, **kw):
-    """``cls(path, tokenizer, max_seq_len, **kw)`` for a training stage: its summary is logged (main
-    process), and a data error ends the run with its located message and no traceback (``SystemExit``).
-    Samples longer than the context are counted as dropped (``too_long="drop"``) unless ``kw`` says."""
+def add_data_args(parser) -> None:
+    """The chat-data flags of the SFT and DPO stages: ``--on_error``, ``--cache_dir``, ``--data_workers``."""
+    from .build_bin import default_workers
+    from .errors import ON_ERROR_CHOICES
+
+    parser.add_argument("--on_error", default="raise", choices=ON_ERROR_CHOICES,
+                        help="a bad record in the training data: raise (stop, naming file, line and field) or "
+                             "skip (leave it out; the counts by reason are printed)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="where the tokenised data store is kept [<data file>.mateconv-cache/ beside it]")
+    parser.add_argument("--data_workers", type=int, default=default_workers(),
+                        help="processes that tokenise the data on its first use (one per core, up to 8)")
+
+
+def training_dataset(cls, path, tokenizer, args, *, what: str = "data", log=None, **kw):
+    """``cls(path, tokenizer, args.max_seq_len, ...)`` for a training stage, with the flags of
+    :func:`add_data_args`: the summary is logged (main process), and a data error ends the run with its
+    located message and no traceback (``SystemExit``). Samples longer than the context are counted as
+    dropped (``too_long="drop"``), not errors: they depend on ``--max_seq_len``, not on the data."""
     log = log or (print if _is_main_process() else None)
     kw.setdefault("too_long", "drop")
+    kw.setdefault("on_error", getattr(args, "on_error", "raise"))
+    kw.setdefault("cache_dir", getattr(args, "cache_dir", None))
+    kw.setdefault("workers", getattr(args, "data_workers", 1) or 1)
     try:
-        ds = cls(path, tokenizer, max_seq_len, log=log, **kw)
+        ds = cls(path, tokenizer, args.max_seq_len, log=log, **kw)
     except DataError as e:
-        hint = "" if kw.get("on_error", "raise") == "skip" or e.reason in ("no_usable_records", "empty_file") \
+        hint = "" if kw["on_error"] == "skip" or e.reason in ("no_usable_records", "empty_file") \
             else " (--on_error skip leaves bad records out and counts them)"
         raise SystemExit(f"error: {what}: {e}{hint}") from None
     if log:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launchers import subprocess_env
 
 from dataset.build_bin import build_bin
 from dataset.datasets import PreferenceDataset, PretrainDataset, SFTDataset
@@ -200,3 +201,155 @@ def test_csv_invalid_utf8_and_bad_header(tmp_path):
     path.write_text("history,question,answer\n[],q,a\n", encoding="utf-8")
     with pytest.raises(DataError, match=located(path, 1) + ".*field 'q': missing column"):
         prepare("sft", path, tmp_path / "o.jsonl", progress=False, log=None)
+
+
+# ----------------------------------------------------------------------------- stages 5 and 9 (issue 14)
+
+
+QA = {"conversations": [{"role": "user", "content": "床前明月光的下一句？"}, {"role": "assistant", "content": "疑是地上霜。"}]}
+PAIR = {"q": "天空为什么是蓝的？", "history": [], "pos": "因为瑞利散射。", "neg": "不知道。"}
+
+
+def jline(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def run_stage(script, *args, timeout=300, preexec_fn=None):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+
+
+STAGE_DATA = {  # script -> (data flag, good record, 2nd bad record (reason, words))
+    "5.full_sft.py": ("--data_path", QA, '{"conversations": "hello"}', "wrong_type",
+                      "field 'conversations': expected a list"),
+    "9.train_dpo.py": ("--pairs_path", PAIR, jline({"q": "问", "history": [], "pos": "好"}), "missing_field",
+                       "field 'neg': missing field"),
+}
+
+
+@pytest.mark.parametrize("script", list(STAGE_DATA))
+def test_sft_and_dpo_stages_raise_or_count_bad_records(tmp_path, script):
+    """A 4-record file with 2 bad records: raise names line and reason (default); skip reports 2 skipped."""
+    flag, good, bad, reason, words = STAGE_DATA[script]
+    src = lines_file(tmp_path / "four.jsonl", jline(good), bad, jline(good), '{"broken json')
+    base = [flag, src, "--init_from", "none", "--out_dir", tmp_path / "out", "--max_steps", 1, "--batch_size", 1,
+            "--eval_interval", 0, "--probe_samples", 0] if script == "9.train_dpo.py" else \
+        [flag, src, "--init_from", "none", "--out_dir", tmp_path / "out", "--max_steps", 1, "--batch_size", 1]
+    r = run_stage(script, *base)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{src}:2: " in r.stderr and words in r.stderr and f"[{reason}]" in r.stderr
+    r = run_stage(script, *base, "--on_error", "skip")
+    out = r.stdout + r.stderr
+    assert "4 records, kept 2, dropped 0, skipped 2" in out, out[-3000:]
+    assert f"skipped {reason}: 1" in out and "skipped malformed_json: 1" in out
+    assert f"{src}:2: " in out and f"{src}:4: " in out
+    assert "data: 2 train samples" in out
+
+
+@pytest.mark.parametrize("script", list(STAGE_DATA))
+def test_all_bad_and_empty_chat_data_end_in_a_message(tmp_path, script):
+    flag = STAGE_DATA[script][0]
+    bad = lines_file(tmp_path / "bad.jsonl", "{oops", STAGE_DATA[script][2])
+    empty = lines_file(tmp_path / "empty.jsonl", "", "  ")
+    common = ["--init_from", "none", "--out_dir", tmp_path / "out", "--max_steps", 1]
+    r = run_stage(script, flag, bad, *common, "--on_error", "skip")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{bad}: no usable records: all 2 skipped (malformed_json 1, {STAGE_DATA[script][3]} 1)" in r.stderr
+    assert f"{bad}:1: malformed JSON" in r.stderr
+    r = run_stage(script, flag, empty, *common)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{empty}: no records: the input is empty [empty_file]" in r.stderr
+
+
+def test_bom_first_line_is_kept(tmp_path, tok):
+    bom = b"\xef\xbb\xbf"
+    sft = tmp_path / "bom_sft.jsonl"
+    sft.write_bytes(bom + jline(QA).encode() + b"\n" + jline(QA).encode() + b"\n")
+    ds = SFTDataset(sft, tok, 64)
+    assert len(ds) == 2 and ds.lines == [1, 2]
+    assert torch_equal(ds[0]["input_ids"], ds[1]["input_ids"])
+    pairs = tmp_path / "bom_pairs.jsonl"
+    pairs.write_bytes(bom + jline(PAIR).encode() + b"\n")
+    assert len(PreferenceDataset(pairs, tok, 64)) == 1
+    text = tmp_path / "bom_text.jsonl"
+    text.write_bytes(bom + GOOD + b"\n" + GOOD + b"\n")
+    meta = build_bin(text, tmp_path / "bom.bin", FIXTURE, workers=2, batch_size=1, progress=False, log=None)
+    assert meta["num_documents"] == 2
+    assert prepare("pretrain", text, tmp_path / "p.jsonl", dedup=False, progress=False, log=None).kept == 2
+
+
+def torch_equal(a, b) -> bool:
+    return a.tolist() == b.tolist()
+
+
+def test_stage3_empty_input_is_an_error(tmp_path):
+    empty = lines_file(tmp_path / "empty.jsonl", "")
+    r = run_stage("3.pretrain.py", "--input", empty, "--out_dir", tmp_path / "out", "--tokenizer", FIXTURE)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"error: {empty}: no documents: the input is empty [empty_file]" in r.stderr
+    assert not (tmp_path / "out" / "pretrain.bin").exists()
+    bad = lines_file(tmp_path / "bad.jsonl", '{"text": ""}', "{oops")
+    with pytest.raises(DataError, match=re.escape(f"{bad}: no usable documents: all 2 skipped "
+                                                  "(empty_text 1, malformed_json 1)")):
+        build_bin(bad, tmp_path / "b.bin", FIXTURE, on_error="skip", progress=False, log=None)
+    assert not (tmp_path / "b.bin").exists()
+
+
+# ----------------------------------------------------------------------------- output paths (issue 14)
+
+
+def _no_dac_override():
+    """Child process: root without CAP_DAC_OVERRIDE, so directory permissions apply to it as to a user."""
+    import ctypes
+    import os
+
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH; PR_CAPBSET_DROP = 24
+            if libc.prctl(24, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _read_only_dir(path):
+    path.mkdir()
+    path.chmod(0o555)
+    return path
+
+
+def test_output_paths_are_checked_before_work(tmp_path):
+    src = lines_file(tmp_path / "in.jsonl", GOOD)
+    a_file = lines_file(tmp_path / "a_file", "x")
+    a_dir = tmp_path / "a_dir.jsonl"
+    a_dir.mkdir()
+    ro = _read_only_dir(tmp_path / "ro")
+    prep = ["-m", "dataset.prepare", "pretrain", "--input", src, "--workers", 1, "--output"]
+    cases = [  # (argv, expected message)
+        (prep + [a_dir], f"output path {a_dir} is a directory; a file is expected there"),
+        (prep + [a_file / "o.jsonl"], f"output path {a_file / 'o.jsonl'}: {a_file} is a file, not a directory"),
+        (prep + [ro / "sub" / "o.jsonl"], f"output path {ro / 'sub' / 'o.jsonl'}: directory {ro} is not writable"),
+        (["3.pretrain.py", "--input", src, "--tokenizer", FIXTURE, "--out_dir", a_file],
+         f"output directory {a_file} is a file; a directory is expected there"),
+        (["3.pretrain.py", "--input", src, "--tokenizer", FIXTURE, "--out_dir", ro],
+         f"output directory {ro} is not writable"),
+        (["3.pretrain.py", "--input", src, "--tokenizer", FIXTURE, "--out_dir", tmp_path, "--name", "a_dir"],
+         None),
+    ]
+    (tmp_path / "a_dir.bin").mkdir()
+    cases[-1] = (cases[-1][0], f"output path {tmp_path / 'a_dir.bin'} is a directory; a file is expected there")
+    for argv, words in cases:
+        r = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                           text=True, timeout=120, preexec_fn=_no_dac_override)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.stderr[-2000:])
+        assert f"error: {words}" in r.stderr, (argv, r.stderr[-2000:])
+    assert not list(ro.iterdir())
+
+
+@pytest.mark.parametrize("script", ["4.pretrain.py", "5.full_sft.py", "9.train_dpo.py"])
+def test_trainer_run_dir_is_checked(tmp_path, script):
+    a_file = lines_file(tmp_path / "a_file", "x")
+    ro = _read_only_dir(tmp_path / "ro")
+    for out_dir, words in ((a_file, "is a file, not a directory"), (ro, f"directory {ro} is not writable")):
+        r = run_stage(script, "--out_dir", out_dir, "--init_from", "none", "--max_steps", 1,
+                      preexec_fn=_no_dac_override)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "error: run directory" in r.stderr and words in r.stderr, r.stderr[-3000:]

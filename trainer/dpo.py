@@ -526,6 +526,9 @@ class DPOTask(Task):
                             "--data_path is an alias [./dataset/dpo_pairs.jsonl]")
         g.add_argument("--eval_pairs_path", default=None,
                        help="held-out pairs: reward accuracy at step 0 and every --eval_interval (logged as pairs/...)")
+        from dataset.datasets import add_data_args
+
+        add_data_args(g)  # --on_error, --cache_dir, --data_workers
         g.add_argument("--beta", type=float, default=0.2, help="DPO beta (temperature of the implicit reward)")
         g.add_argument("--kl_coef", type=float, default=0.05,
                        help="weight of the token-mean KL(policy || reference) on the chosen answers (0: off)")
@@ -569,19 +572,20 @@ class DPOTask(Task):
             raise ValueError("--kl_topk must be >= 0")
 
     def build_datasets(self, args, tokenizer):
-        from dataset.datasets import PreferenceDataset
+        from dataset.datasets import PreferenceDataset, training_dataset
 
         self._resolve_args(args)
         self.args = args
         if not Path(args.pairs_path).is_file():
             raise FileNotFoundError(f"preference pairs {args.pairs_path} not found: generate them with "
                                     "7.gen_prefs_openai.py, or pass --pairs_path")
-        train = PreferenceDataset(args.pairs_path, tokenizer, args.max_seq_len, on_error="skip")
+        train = training_dataset(PreferenceDataset, args.pairs_path, tokenizer, args, what="preference pairs")
         if len(train) == 0:
             raise ValueError(f"{args.pairs_path}: no usable preference pairs")
         evals = {}
         if args.eval_pairs_path:
-            ev = PreferenceDataset(args.eval_pairs_path, tokenizer, args.max_seq_len, on_error="skip")
+            ev = training_dataset(PreferenceDataset, args.eval_pairs_path, tokenizer, args,
+                                  what="held-out preference pairs")
             evals["pairs"] = IndexedPairs(ev, EVAL_STORE0)
         self.probes = build_probe_datasets(args, tokenizer) if args.probe_samples > 0 else {}
         self._tokenizer = tokenizer

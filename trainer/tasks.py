@@ -199,9 +199,12 @@ class SFTTask(LMTask):
     def add_args(parser):
         parser.add_argument("--eval_data_path", default=None,
                             help="validation JSONL (default: sft_validation.jsonl beside --data_path)")
+        from dataset.datasets import add_data_args
+
+        add_data_args(parser)  # --on_error, --cache_dir, --data_workers
 
     def build_datasets(self, args, tokenizer):
-        from dataset.datasets import SFTDataset
+        from dataset.datasets import SFTDataset, training_dataset
 
         if args.data_path:
             path = Path(args.data_path)
@@ -211,10 +214,10 @@ class SFTTask(LMTask):
             path = Path(ensure_embedded("data/embedded")["sft_train"])
         if not path.is_file():
             raise FileNotFoundError(f"SFT data {path} not found (pass --data_path)")
-        train = SFTDataset(path, tokenizer, args.max_seq_len, on_error="skip")
+        train = training_dataset(SFTDataset, path, tokenizer, args, what="SFT data")
         evals = {}
         eval_path = Path(args.eval_data_path) if args.eval_data_path else \
             path.with_name(path.name.replace("_train", "_validation"))
         if eval_path != path and eval_path.is_file():
-            evals["val"] = SFTDataset(eval_path, tokenizer, args.max_seq_len, on_error="skip")
+            evals["val"] = training_dataset(SFTDataset, eval_path, tokenizer, args, what="SFT validation data")
         return train, evals
