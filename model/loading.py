@@ -173,6 +173,9 @@ def load_model_dir(model_dir, device: str | None = None, dtype=None):
         model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
     except (OSError, json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"unreadable {cfg_file}: {e}") from None
+    from .integrity import verify_model_dir
+
+    verify_model_dir(model_dir)  # a truncated / changed weight file is named (DamagedWeightsError)
     kwargs = {}
     if dtype is not None:
         if isinstance(dtype, str):
