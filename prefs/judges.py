@@ -1,7 +1,8 @@
 """Judges: rank K candidate answers of one prompt, best first.
 
 - :class:`ReferenceJudge` (offline): similarity to the prompt's reference answer, character-level
-  ROUGE-L F1 (bit-parallel LCS) or chrF (character n-grams 1..6, beta 2); whitespace is ignored.
+  ROUGE-L F1 (the report's: :func:`evaluation.metrics.rouge_l`, ``level="char"``) or chrF (character
+  n-grams 1..6, beta 2; whitespace ignored).
 - :class:`OpenAIJudge`: an LLM behind an OpenAI-compatible endpoint ranks the candidates (shown in
   a seeded random order against position bias); the reply is parsed tolerantly (JSON
   ``{"ranking": [...]}``, ``2 > 1 > 4 > 3``, ``[2, 1, 4, 3]``); a malformed verdict is asked again,
@@ -19,6 +20,8 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+
+from evaluation.metrics import lcs_length, normalize_text, rouge_l  # noqa: F401  (lcs_length: re-exported)
 
 from .client import ChatCaller, PromptFailed
 from .generators import Prompt
@@ -40,33 +43,13 @@ def _chars(s: str) -> str:
     return "".join(s.split())
 
 
-def lcs_length(a: str, b: str) -> int:
-    """Length of the longest common subsequence (bit-parallel, Allison-Dix / Hyyro)."""
-    if not a or not b:
-        return 0
-    if len(a) < len(b):
-        a, b = b, a
-    masks: dict[str, int] = {}
-    for i, c in enumerate(a):
-        masks[c] = masks.get(c, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for c in b:
-        u = v & masks.get(c, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - bin(v).count("1")
-
-
 def rouge_l_f1(candidate: str, reference: str) -> float:
-    """Character-level ROUGE-L F1 (whitespace ignored)."""
-    c, r = _chars(candidate), _chars(reference)
-    if not c or not r:
+    """Character-level ROUGE-L F1: the report's metric (:func:`evaluation.metrics.rouge_l` with
+    ``level="char"``: NFKC, lower-case, punctuation and whitespace dropped), so pairs are ranked by the
+    metric the report shows. An empty candidate or reference scores 0."""
+    if not normalize_text(candidate) or not normalize_text(reference):
         return 0.0
-    lcs = lcs_length(c, r)
-    if lcs == 0:
-        return 0.0
-    p, rec = lcs / len(c), lcs / len(r)
-    return 2 * p * rec / (p + rec)
+    return rouge_l(candidate, reference, "char")
 
 
 def chrf(candidate: str, reference: str, max_n: int = 6, beta: float = 2.0) -> float:

@@ -313,3 +313,36 @@ def test_heldout_loss_on_a_packed_bin(tmp_path, tok):
     assert res["train_overlap_check"]["checked"] is False  # no JSONL records to compare for a .bin
     with pytest.raises(TrainingDataError):
         heldout_loss(_model(), tok, tmp_path / "pretrain_train.bin", "pretrain", 8)
+
+
+def test_preference_judge_ranks_by_the_reports_rouge_l():
+    from prefs.generators import Prompt
+    from prefs.judges import ReferenceJudge, rouge_l_f1
+
+    ref = "床前明月光，疑是地上霜。"
+    cands = ["床前明月光 疑是地上霜", "ＡＢ床前看月光！", "疑是地上霜，床前明月光。", ""]
+    for c in cands[:3]:  # punctuation, full-width letters and spaces normalised exactly as in the report
+        assert rouge_l_f1(c, ref) == rouge_l(c, ref, "char")
+    assert rouge_l_f1(cands[0], ref) == 1.0 and rouge_l_f1("", ref) == 0.0
+    verdict = ReferenceJudge("rougeL").rank(Prompt(id="p", messages=[{"role": "user", "content": "q"}],
+                                                   reference=ref), cands)
+    assert verdict.ranking == sorted(range(4), key=lambda i: (-rouge_l(cands[i], ref, "char") if cands[i] else 0, i))
+
+
+def test_bit_parallel_lcs_equals_the_dynamic_programme_on_tokens():
+    import random
+
+    def dp(a, b):
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.choice(["春", "眠", "不觉", "晓", "处处"]) for _ in range(rng.randrange(0, 30))]
+        b = [rng.choice(["春", "眠", "不觉", "晓", "夜来"]) for _ in range(rng.randrange(0, 30))]
+        assert lcs_length(a, b) == dp(a, b)
