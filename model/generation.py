@@ -212,18 +212,28 @@ class _HFStepper:
     """Any Hugging Face causal LM: ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values``."""
 
     def __init__(self, model, input_ids, mask, max_new: int):
+        import inspect
+
         self.model = model
+        # transformers 5.x names the cache argument ``cache`` (``past_key_values`` is deprecated)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self.past = out.past_key_values
+        self.past = self._cache_of(out)
         self.logits = out.logits[:, -1, :]
         self.mask, self.next_pos = mask, pos[:, -1:] + 1
+
+    @staticmethod
+    def _cache_of(out):
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         out = self.model(input_ids=tok[:, None], attention_mask=self.mask, position_ids=self.next_pos,
-                         past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+                         use_cache=True, **{self.cache_arg: self.past})
+        self.past = self._cache_of(out)
         self.next_pos = self.next_pos + 1
         return out.logits[:, -1, :]
 

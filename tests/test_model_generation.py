@@ -125,3 +125,53 @@ def test_stream_text_with_a_tokenizer():
                    do_sample=False, eos_token_id=tok.eos_token_id)
     new = [i for i in ids[0, len(tok("你好", add_special_tokens=False)["input_ids"]):].tolist() if i != tok.eos_token_id]
     assert "".join(pieces) == tok.decode(new, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_decode_per_row_settings_streams_callback_and_cancel():
+    import threading
+
+    from model.generation import Sampling, decode, make_generator
+
+    m = make(DENSE)
+    prompts = [torch.randint(4, 512, (n,)).tolist() for n in (9, 4, 6)]
+    greedy_alone = [decode(m, [p], 12, eos_token_ids=[])[0][0] for p in prompts]
+    # per-row max_new_tokens and greedy rows batched with sampled rows: greedy rows are unchanged
+    g = make_generator(5)
+    ids, reasons = decode(m, prompts, [12, 3, 12], [Sampling(), Sampling(), Sampling(0.9, 0.9, g)], eos_token_ids=[])
+    assert ids[0] == greedy_alone[0] and ids[1] == greedy_alone[1][:3]
+    assert reasons == ["length", "length", "length"] and len(ids[2]) == 12
+    # the sampled row draws the same numbers alone (its own generator)
+    alone = decode(m, [prompts[2]], 12, Sampling(0.9, 0.9, make_generator(5)), eos_token_ids=[])[0][0]
+    assert alone == ids[2]
+    # the callback stops a row (reason "stop"); the other row goes on
+    got: list = []
+
+    def on_token(row, tok):
+        if row == 0:
+            got.append(tok)
+            return len(got) == 2
+        return False
+
+    ids, reasons = decode(m, prompts[:2], 12, eos_token_ids=[], on_token=on_token)
+    assert reasons == ["stop", "length"] and ids[0] == got == greedy_alone[0][:2] and ids[1] == greedy_alone[1]
+    # a set cancel event stops the rows it belongs to
+    ev = threading.Event()
+    ev.set()
+    ids, reasons = decode(m, prompts[:2], 12, eos_token_ids=[], cancel=[ev, None])
+    assert reasons == ["cancelled", "length"] and ids[0] == [] and ids[1] == greedy_alone[1]
+    with pytest.raises(ValueError, match="seed"):
+        make_generator(2**64)
+    with pytest.raises(ValueError, match="seed"):
+        make_generator(-(2**63) - 1)
+
+
+def test_native_export_decodes_through_the_same_loop():
+    from model.export import to_native
+    from model.generation import decode
+
+    m = make(DENSE)
+    native = to_native(m).eval()
+    prompts = [torch.randint(4, 512, (n,)).tolist() for n in (7, 3)]
+    ours, _ = decode(m, prompts, 15, eos_token_ids=[])
+    theirs, _ = decode(native, prompts, 15, eos_token_ids=[])
+    assert ours == theirs
