@@ -487,6 +487,12 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
             return torch.zeros(0, 0)
         return torch.stack([m.last_counts.float() for m in layers])
 
+    def reset_routing_counts(self) -> None:
+        """Forget the expert loads gathered since the last bias update (e.g. after forwards that were not
+        training steps)."""
+        for m in self.moe_layers():
+            m._pending_counts = torch.zeros(m.n_experts)
+
     def update_router_bias(self) -> None:
         """Call after each optimizer step: aux-loss-free bias update (no-op unless ``aux_free_balancing``)."""
         for m in self.moe_layers():

@@ -246,8 +246,8 @@ def test_wandb_offline_moe_expert_load(data, tmp_path):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     keys = _wandb_history_keys(runs[0])
-    assert {"moe/layer0/expert0_load", "moe/layer1/expert3_load", "moe/layer0/routing_entropy",
-            "moe/max_violation", "moe/balance_loss", "loss"} <= keys
+    assert {"moe/layer0/expert0_load", "moe/layer1/expert3_load", "moe/layer0/expert_load_entropy_norm",
+            "moe/max_violation", "moe/near_dead", "moe/balance_loss", "loss", "tokens", "flops"} <= keys
     for f in run_dir.rglob("*"):
         if f.is_file() and f.stat().st_size < 5_000_000:
             assert b"secret-should-not-leak" not in f.read_bytes(), f

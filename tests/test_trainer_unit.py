@@ -70,12 +70,18 @@ def test_flags_original_names_and_stage_defaults():
     assert SFTTask.init_from_stage == "pretrain" and PretrainTask.init_from_stage is None
 
 
-def test_public_args_drop_secrets():
-    args = parse_args(PretrainTask(), [])
-    args.wandb_api_key = "k"
-    args.hub_token = "t"
+def test_public_args_drop_secrets_and_keep_token_flags():
+    args = parse_args(PretrainTask(), ["--tokenizer", "tok/dir"])
+    secrets = {"wandb_api_key": "k", "hub_token": "t", "openai_apikey": "k", "password": "p", "db_passwd": "p",
+               "client_secret": "s", "aws_secret_key": "s", "access_key": "a"}
+    kept = {"max_tokens": 64, "max_new_tokens": 32, "judge_max_tokens": 16, "gen_max_tokens": 8,
+            "tokens_per_step": 2048}
+    for k, v in {**secrets, **kept}.items():
+        setattr(args, k, v)
     out = public_args(args)
-    assert "wandb_api_key" not in out and "hub_token" not in out and "learning_rate" in out
+    assert not set(secrets) & set(out), set(secrets) & set(out)
+    assert out["tokenizer"] == "tok/dir" and all(out[k] == v for k, v in kept.items())
+    assert "learning_rate" in out
     json.dumps(out)
 
 
@@ -264,3 +270,155 @@ def test_sft_requires_a_matching_pretraining_checkpoint(small_bin, tmp_path):
     state = json.loads((tmp_path / "sft_mateconv-tiny" / "checkpoints" / "step_0000001" /
                         "trainer_state.json").read_text())
     assert state["init_from"].endswith("pretrain_mateconv-tiny/checkpoints/step_0000001")
+
+
+# ------------------------------------------------------------------ optimizer groups, run dirs, budgets
+
+
+def test_muon_groups_cover_every_parameter_once():
+    from model import MateConvForCausalLM, get_config
+    from trainer.optim import param_groups
+
+    for preset in ("mateconv-tiny", "mateconv-moe-tiny"):
+        cfg = get_config(preset, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                         moe_intermediate_size=32)
+        for tied in (True, False):
+            cfg.tie_word_embeddings = tied
+            model = MateConvForCausalLM(cfg)
+            names = {id(p): n for n, p in model.named_parameters()}
+            for opt in ("adamw", "muon"):
+                groups = param_groups(model, opt, lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+                ids = [id(p) for g in groups for p in g["params"]]
+                assert sorted(ids) == sorted(names), (preset, tied, opt)  # every parameter in exactly one group
+                assert len(ids) == len(set(ids))
+                by = {g["name"]: {names[id(p)] for p in g["params"]} for g in groups}
+                if opt == "adamw":
+                    assert set(by) == {"adamw_decay", "adamw_no_decay"}
+                    continue
+                muon = by["muon"]
+                assert all(".layers." in n and not n.endswith("norm.weight") and "router" not in n for n in muon)
+                assert any("qkv_proj" in n for n in muon) and any("o_proj" in n for n in muon)
+                rest = by["adamw_decay"] | by["adamw_no_decay"]
+                assert "model.embed_tokens.weight" in rest
+                assert ("lm_head.weight" in rest) == (not tied)  # tied: the same tensor as the embedding
+                assert all("norm" in n for n in by["adamw_no_decay"])
+                if cfg.use_moe:
+                    assert any("experts.gate_up_proj" in n for n in muon) and any("router" in n for n in rest)
+                assert {g["kind"] for g in groups if g["name"] == "muon"} == {"muon"}
+                assert [g["peak_lr"] for g in groups] == [0.02, 1e-3, 1e-3]
+
+
+def test_muon_on_stacked_experts_equals_muon_per_expert_matrix():
+    from trainer.optim import Muon
+
+    torch.manual_seed(0)
+    w3 = torch.nn.Parameter(torch.randn(3, 8, 5))
+    w2 = torch.nn.Parameter(torch.randn(6, 4))
+    sep = [torch.nn.Parameter(w3.detach()[e].clone()) for e in range(3)]
+    w2b = torch.nn.Parameter(w2.detach().clone())
+    ours = Muon([{"params": [w2, w3]}], lr=0.02, weight_decay=0.1)
+    ref = torch.optim.Muon([{"params": [w2b, *sep]}], lr=0.02, weight_decay=0.1)
+    for _ in range(3):
+        g3, g2 = torch.randn(3, 8, 5), torch.randn(6, 4)
+        w3.grad, w2.grad, w2b.grad = g3.clone(), g2.clone(), g2.clone()
+        for e in range(3):
+            sep[e].grad = g3[e].clone()
+        ours.step()
+        ref.step()
+    for e in range(3):
+        assert torch.equal(w3.detach()[e], sep[e].detach())
+    assert torch.equal(w2.detach(), w2b.detach()) and not torch.equal(w2.detach(), g2)
+
+
+def _records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _train_recs(run_dir):
+    return {r["step"]: r for r in _records(run_dir) if "loss" in r}
+
+
+def test_run_dir_with_checkpoints_needs_resume_or_overwrite(small_bin, tmp_path):
+    from trainer import PretrainTask, run
+
+    args = _guard_args(small_bin, tmp_path, "--max_steps", "2", "--save_interval", "100")
+    assert run(PretrainTask(), args) == 0
+    run_dir = tmp_path / "pretrain_mateconv-tiny"
+    before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as e:
+        run(PretrainTask(), args)
+    assert e.value.code != 0 and "--resume" in str(e.value) and "--overwrite" in str(e.value)
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing touched
+    assert run(PretrainTask(), args + ["--overwrite", "--max_steps", "3"]) == 0
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")] == ["step_0000003"]
+    assert sorted(_train_recs(run_dir)) == [1, 2, 3]
+    args_json = json.loads((run_dir / "args.json").read_text())
+    assert args_json["tokenizer"] == TOKENIZER and args_json["overwrite"] is True
+    recs = _records(run_dir)
+    assert all("tokens" in r and "flops" in r for r in recs)
+    steps = sorted(_train_recs(run_dir).values(), key=lambda r: r["step"])
+    assert [r["tokens"] for r in steps] == [2 * 16 * k for k in (1, 2, 3)]  # batch 2 x 16 tokens per step
+    from model import get_config, parameter_report
+
+    fpt = parameter_report(get_config("mateconv-tiny"), seq_len=16)["flops_per_token"]
+    assert steps[-1]["flops"] == steps[-1]["tokens"] * fpt
+    with pytest.raises(SystemExit, match="exclude"):
+        run(PretrainTask(), args + ["--overwrite", "--resume"])
+
+
+def _resume_exactly(small_bin, tmp_path, *extra, steps=6):
+    """A full run vs. the same run resumed from its step-3 checkpoint into another run dir: same records."""
+    from trainer import PretrainTask, run
+
+    full = _guard_args(small_bin, tmp_path, "--save_interval", "3", "--run_name", "full", *extra)
+    assert run(PretrainTask(), full) == 0
+    mid = tmp_path / "full" / "checkpoints" / "step_0000003"
+    resumed = _guard_args(small_bin, tmp_path, "--save_interval", "3", "--run_name", "resumed", "--resume", str(mid),
+                          *extra)
+    assert run(PretrainTask(), resumed) == 0
+    a, b = _train_recs(tmp_path / "full"), _train_recs(tmp_path / "resumed")
+    assert sorted(b) == list(range(4, max(a) + 1)) and max(a) >= 4
+    for s in b:
+        for k in ("loss", "lr", "lr_muon", "grad_norm", "tokens"):
+            if k in a[s]:
+                assert b[s][k] == a[s][k], (s, k, a[s][k], b[s][k])
+    return a
+
+
+def test_muon_resume_is_exact(small_bin, tmp_path):
+    recs = _resume_exactly(small_bin, tmp_path, "--optimizer", "muon", "--muon_lr", "0.02")
+    assert all("lr_muon" in r for r in recs.values())
+    assert recs[1]["lr_muon"] / recs[1]["lr"] == pytest.approx(0.02 / 1e-3)
+    st = json.loads((tmp_path / "full" / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
+    assert st["optimizer"] == "muon"
+    opt = torch.load(tmp_path / "full" / "checkpoints" / "step_0000003" / "optimizer.pt", weights_only=False)
+    assert set(opt["optimizer"]) == {"adamw", "muon"}  # both optimizers' state is saved
+    # the optimizer of a checkpoint must match
+    from trainer import PretrainTask, run
+
+    with pytest.raises(ValueError, match="optimizer muon vs adamw"):
+        run(PretrainTask(), _guard_args(small_bin, tmp_path, "--run_name", "other", "--resume",
+                                        str(tmp_path / "full" / "checkpoints" / "step_0000003")))
+
+
+def test_max_minutes_fixes_the_steps_and_resume_keeps_them(small_bin, tmp_path):
+    # --max_minutes with a cap: the cap keeps the test short; the planned count is saved and reused on resume
+    recs = _resume_exactly(small_bin, tmp_path, "--max_minutes", "5", "--max_steps", "6")
+    st = json.loads((tmp_path / "full" / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
+    assert st["max_minutes"] == 5 and st["total_steps"] == 6 == max(recs)
+    log = (tmp_path / "full" / "train.log").read_text()
+    assert "--max_minutes 5:" in log and "probe steps" in log and "capped by --max_steps 6" in log
+    assert "as fixed when the run started" in (tmp_path / "resumed" / "train.log").read_text()
+
+
+def test_max_minutes_plans_from_the_measured_step_time(small_bin, tmp_path):
+    from trainer import PretrainTask, run
+
+    # a budget that has already run out when training starts: the plan is the minimum, one step
+    args = _guard_args(small_bin, tmp_path, "--max_minutes", "0.0001")
+    args.remove("--max_steps")
+    args.remove("6")
+    assert run(PretrainTask(), args) == 0
+    run_dir = tmp_path / "pretrain_mateconv-tiny"
+    assert sorted(_train_recs(run_dir)) == [1]
+    assert "-> 1 optimizer steps" in (run_dir / "train.log").read_text()

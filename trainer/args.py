@@ -1,7 +1,11 @@
 """One argument parser for every stage (pretraining, SFT, DPO), and the one table of defaults.
 
 Precedence for a flag: the command line, else the stage's CPU default (``Task.cpu_defaults``, only
-when the run is on CPU), else the stage default (``Task.defaults``), else ``COMMON_DEFAULTS``.
+when the run is on CPU), else the stage default (``Task.defaults``), else ``COMMON_DEFAULTS``. The same
+rule fills a stage's own flags (their argparse default is None and their default is in the stage's tables),
+and ``Task.resolve_args(args, on_cpu)`` derives what depends on other flags. :func:`fill_defaults` is the
+one place where defaults are resolved; nothing rewrites them later (a DeepSpeed config file's explicit
+values win over the flags, see ``trainer/trainer.py``).
 The original MateConv defaults are kept where they existed (``batch_size 32``, ``learning_rate``
 2e-4 pretraining / 2e-5 SFT, ``accumulation_steps`` 8 pretraining / 1 SFT, ``grad_clip 1.0``,
 ``dtype bfloat16``, ``num_workers 1``, ``out_dir out``, ``log_interval 100``, ``save_interval 1000``,
@@ -38,12 +42,19 @@ COMMON_DEFAULTS: dict = {
     "seed": 1337,
     "model": "auto",
     "wandb_project": "MateConv",
+    "optimizer": "adamw",
+    "muon_lr": 0.02,
+    "max_minutes": 0.0,
 }
 
 #: flags whose default comes from the table above (argparse default None = "not given")
 TABLE_FLAGS = tuple(COMMON_DEFAULTS)
 
-SECRET_RE = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.I)
+#: argument names that hold secrets: ``*api_key``, ``*_token`` (``hub_token``, ``hf_token``, ...), ``*password``,
+#: ``*passwd``, ``*secret``, ``*secret_key``, ``*access_key``, ``*private_key``. Matched on the whole name's
+#: ending, so ``tokenizer`` and ``max_tokens`` / ``max_new_tokens`` are kept.
+SECRET_RE = re.compile(r"(^|[_-])(api[_-]?key|token|password|passwd|secret|secret[_-]?key|access[_-]?key|"
+                       r"private[_-]?key)$", re.I)
 
 
 def build_parser(task) -> argparse.ArgumentParser:
@@ -108,11 +119,25 @@ def build_parser(task) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help=f"[{d('seed')}]")
     g.add_argument("--zero_stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="override the ZeRO stage of the DeepSpeed config")
+    g.add_argument("--optimizer", default=None, choices=["adamw", "muon"],
+                   help="adamw; or muon: torch.optim.Muon (--muon_lr) on the hidden weight matrices incl. experts, "
+                        f"AdamW (--learning_rate) on embeddings/head, norms and router [{d('optimizer')}]")
+    g.add_argument("--muon_lr", type=float, default=None, help=f"peak Muon learning rate [{d('muon_lr')}]")
+    g.add_argument("--max_minutes", type=float, default=None,
+                   help="wall-clock budget: a few probe steps measure the step time, then the number of optimizer "
+                        "steps is fixed so the run ends at about this many minutes (the schedule spans them; "
+                        "saved for --resume); an explicit --max_steps caps it (0: off) "
+                        f"[{d('max_minutes')}]")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (opt-in; its compile time counts in the run's time)")
 
     g = p.add_argument_group("run, checkpoints, evaluation")
     g.add_argument("--run_name", default=None, help=f"run directory under --out_dir [{name}_<model tag>]")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint of the run dir (or from the checkpoint dir given)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run dir that already has checkpoints (deletes them, metrics.jsonl and "
+                        "train.log); without it (or --resume) such a run dir is refused")
     g.add_argument("--keep_checkpoints", type=int, default=None, help=f"keep the last K checkpoints [{d('keep_checkpoints')}]")
     g.add_argument("--eval_interval", type=int, default=None,
                    help=f"optimizer steps between validations (0: only at the end) [{d('eval_interval')}]")
@@ -121,7 +146,9 @@ def build_parser(task) -> argparse.ArgumentParser:
     g.add_argument("--wandb_log_model", action="store_true",
                    help="also upload checkpoints as wandb artifacts (off: the wandb cache stays small)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--num_threads", type=int, default=0, help="CPU threads per process (0: $OMP_NUM_THREADS, else cores / local processes)")
+    g.add_argument("--num_threads", type=int, default=0,
+                   help="CPU threads per process (0: $OMP_NUM_THREADS, else the cores that are free now / local "
+                        "processes)")
 
     g = p.add_argument_group(f"{name} options")
     task.add_args(g)
@@ -129,18 +156,21 @@ def build_parser(task) -> argparse.ArgumentParser:
 
 
 def fill_defaults(args: argparse.Namespace, task, on_cpu: bool) -> argparse.Namespace:
-    """Resolve every table flag left unset (see the module docstring); records ``args.defaulted``."""
+    """Resolve every flag left unset (see the module docstring); records ``args.defaulted``."""
     defaulted = []
-    for flag in TABLE_FLAGS:
+    stage = getattr(task, "defaults", {})
+    cpu = getattr(task, "cpu_defaults", {}) if on_cpu else {}
+    for flag in dict.fromkeys([*TABLE_FLAGS, *stage, *cpu]):
         if getattr(args, flag, None) is not None:
             continue
-        val = COMMON_DEFAULTS[flag]
-        val = getattr(task, "defaults", {}).get(flag, val)
-        if on_cpu:
-            val = getattr(task, "cpu_defaults", {}).get(flag, val)
+        if flag not in TABLE_FLAGS and not hasattr(args, flag):
+            raise AttributeError(f"{type(task).__name__} has a default for --{flag}, which it does not define")
+        val = cpu.get(flag, stage.get(flag, COMMON_DEFAULTS.get(flag)))
         setattr(args, flag, val)
         defaulted.append(flag)
     args.defaulted = defaulted
+    if hasattr(task, "resolve_args"):
+        task.resolve_args(args, on_cpu)
     return args
 
 

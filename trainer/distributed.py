@@ -134,14 +134,6 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return x.to(dev)
 
 
-def broadcast_object(obj, src: int = 0):
-    if not is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects; CPU tensors inside are fine)."""
     if not is_initialized() or dist.get_world_size() == 1:
@@ -162,3 +154,36 @@ def barrier() -> None:
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def pick_num_threads(requested: int, local_procs: int, sample_s: float = 0.3) -> tuple[int, str]:
+    """Torch threads for this process, and why: ``--num_threads`` when > 0, else ``$OMP_NUM_THREADS``, else
+    the cores that are free now (this process's CPU affinity minus the load measured over ``sample_s``
+    seconds with psutil, else the 1-minute load average) shared by the ``local_procs`` processes of this node.
+
+    Two threads on two cores where another process is busy are slower than one (OpenMP barriers wait for the
+    preempted thread), so a busy core is not counted.
+    """
+    if requested and requested > 0:
+        return int(requested), "--num_threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "$OMP_NUM_THREADS"
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = list(range(os.cpu_count() or 1))
+    cores = len(cpus)
+    try:
+        import psutil
+
+        per_cpu = psutil.cpu_percent(interval=sample_s, percpu=True)
+        busy = sum(per_cpu[c] for c in cpus if c < len(per_cpu)) / 100.0
+        how = f"psutil over {sample_s:g} s"
+    except Exception:  # noqa: BLE001 - no psutil / no /proc: the load average
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        how = "1-min load average"
+    free = max(1, min(cores, int(cores - busy + 0.5)))
+    n = max(1, free // max(1, local_procs))
+    return n, (f"{free} of {cores} cores free (busy {busy:.1f}, {how})"
+               + (f" / {local_procs} local processes" if local_procs > 1 else ""))

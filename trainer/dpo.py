@@ -75,17 +75,17 @@ and on the answers of held-out SFT conversations (``--probe_sft_path``), logged 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .tasks import Task
+from model.losses import IGNORE_INDEX, nll_sum, sequence_nll, token_logprobs
 
-IGNORE_INDEX = -100
+from .tasks import Loss, Task
+
 TIE_TOLERANCE = 1e-4  # |reward margin| at or below this is a tie in ``reward_accuracy``
 
 
@@ -94,22 +94,10 @@ TIE_TOLERANCE = 1e-4  # |reward margin| at or below this is a tie in ``reward_ac
 # --------------------------------------------------------------------------------------------------
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log p(targets[b, t] | ...)`` for every position, 0 where ``targets == -100``. Shapes [B, T(, V)]."""
-    vocab = logits.size(-1)
-    nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                          reduction="none")
-    return -nll.view(targets.shape)
-
-
 def answer_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: (sum of answer-token log-probabilities [B], number of answer tokens [B])."""
-    return token_logps(logits, targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, numerically stable."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    nll, n = sequence_nll(logits, targets)
+    return -nll, n
 
 
 def _xlogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -234,11 +222,6 @@ class IndexedPairs(torch.utils.data.Dataset):
         return item
 
 
-def lm_forward(model, input_ids, attention_mask):
-    """Forward through a MateConv / Hugging Face causal LM; returns the output object."""
-    return model(input_ids, attention_mask=attention_mask)
-
-
 def _cat_pairs(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     tgt = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
@@ -297,8 +280,8 @@ def precompute_reference(ref_model, dataset, collate, *, batch_size: int, device
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         ids, tgt, att = _cat_pairs(batch)
-        with autocast() if autocast is not None else _null():
-            logits = lm_forward(ref_model, ids, att).logits
+        with autocast() if autocast is not None else nullcontext():
+            logits = ref_model(ids, attention_mask=att).logits
         s, _ = answer_logps(logits, tgt)
         B = batch["chosen_input_ids"].size(0)
         chosen.append(s[:B].float().cpu())
@@ -326,14 +309,6 @@ def precompute_reference(ref_model, dataset, collate, *, batch_size: int, device
     return store
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # --------------------------------------------------------------------------------------------------
 # The core computation shared by training and evaluation
 # --------------------------------------------------------------------------------------------------
@@ -349,9 +324,9 @@ def dpo_batch(policy, batch: dict[str, torch.Tensor], *, beta: float, kl_coef: f
     """
     ids, tgt, att = _cat_pairs(batch)
     B = batch["chosen_input_ids"].size(0)
-    out = lm_forward(policy, ids, att)
+    out = policy(ids, attention_mask=att)
     logits = out.logits
-    tok = token_logps(logits, tgt)
+    tok = token_logprobs(logits, tgt)
     mask = tgt != IGNORE_INDEX
     sums, lengths = tok.sum(-1), mask.sum(-1)
     pc, pr, lc, lr = sums[:B], sums[B:], lengths[:B], lengths[B:]
@@ -364,13 +339,13 @@ def dpo_batch(policy, batch: dict[str, torch.Tensor], *, beta: float, kl_coef: f
         rc, rr = ref["chosen"], ref["rejected"]
         topk = ref.get("topk") if kl_topk else None
         if need_kl and kl_topk == 0 and ref_model is not None:
-            with torch.no_grad(), ref_autocast() if ref_autocast is not None else _null():
-                ref_logits_c = lm_forward(ref_model, batch["chosen_input_ids"],
-                                          batch["chosen_attention_mask"]).logits
+            with torch.no_grad(), ref_autocast() if ref_autocast is not None else nullcontext():
+                ref_logits_c = ref_model(batch["chosen_input_ids"],
+                                         attention_mask=batch["chosen_attention_mask"]).logits
     elif ref_model is not None:
-        with torch.no_grad(), ref_autocast() if ref_autocast is not None else _null():
-            ref_logits = lm_forward(ref_model, ids, att).logits
-        rs = token_logps(ref_logits, tgt).sum(-1)
+        with torch.no_grad(), ref_autocast() if ref_autocast is not None else nullcontext():
+            ref_logits = ref_model(ids, attention_mask=att).logits
+        rs = answer_logps(ref_logits, tgt)[0]
         rc, rr = rs[:B], rs[B:]
         ref_logits_c = ref_logits[:B]
         if kl_topk and need_kl:
@@ -394,13 +369,6 @@ def dpo_batch(policy, batch: dict[str, torch.Tensor], *, beta: float, kl_coef: f
                    length_norm=length_norm, kl=kl, kl_coef=kl_coef, sft_nll=sft_nll, sft_coef=sft_coef)
     metrics = pair_metrics(res, pc, pr, kl=kl, sft_nll=sft_nll)
     return res, metrics, out
-
-
-def iter_limit(it: Iterable, n: int | None):
-    for i, x in enumerate(it):
-        if n is not None and i >= n:
-            return
-        yield x
 
 
 def default_path(*candidates) -> str | None:
@@ -477,10 +445,11 @@ def probe_loss_sum(model, dataset, collate, *, batch_size: int, device, autocast
             ids = batch["input_ids"].to(device)
             tgt = batch["targets"].to(device)
             att = batch["attention_mask"].to(device)
-            with autocast() if autocast is not None else _null():
-                logits = lm_forward(model, ids, att).logits
-            total += -float(token_logps(logits, tgt).sum())
-            count += int((tgt != IGNORE_INDEX).sum())
+            with autocast() if autocast is not None else nullcontext():
+                logits = model(ids, attention_mask=att).logits
+            s, n = nll_sum(logits, tgt)
+            total += float(s)
+            count += int(n)
     finally:
         model.train(was_training)
     return total, count
@@ -506,9 +475,11 @@ class DPOTask(Task):
     init_from_root = "out"
     # the original 9.train_dpo.py defaults: batch 16, beta 0.2, kl 0.05, grad_clip 1.0
     defaults = {"batch_size": 16, "learning_rate": 1e-5, "accumulation_steps": 1, "epochs": 1,
-                "out_dir": "out_dpo", "grad_clip": 1.0, "warmup_ratio": 0.06, "eval_interval": 100, "log_interval": 10}
+                "out_dir": "out_dpo", "grad_clip": 1.0, "warmup_ratio": 0.06, "eval_interval": 100, "log_interval": 10,
+                "probe_samples": 256, "probe_sft_path": "data/embedded/sft_validation.jsonl"}
     cpu_defaults = {"batch_size": 8, "max_seq_len": 256, "learning_rate": 1e-4, "max_steps": 40, "num_workers": 0,
-                    "log_interval": 5, "save_interval": 100, "eval_interval": 20, "eval_batches": 0}
+                    "log_interval": 5, "save_interval": 100, "eval_interval": 20, "eval_batches": 0,
+                    "probe_samples": 32}
 
     def __init__(self):
         self.args = None
@@ -555,26 +526,21 @@ class DPOTask(Task):
                             "[256; CPU: 32]")
 
     # ---------------------------------------------------------------- data
-    def _resolve_args(self, args):
+    def resolve_args(self, args, on_cpu: bool) -> None:
+        """Derived defaults (called by ``trainer.args.fill_defaults``, before anything reads them)."""
         args.probe_pretrain_path_explicit = args.probe_pretrain_path is not None
-        args.probe_sft_path_explicit = args.probe_sft_path is not None
+        args.probe_sft_path_explicit = "probe_sft_path" not in getattr(args, "defaulted", ())
         if args.probe_pretrain_path is None:
             args.probe_pretrain_path = default_path("data/pretrain/pretrain_validation.bin",
                                                     "data/embedded/pretrain_validation.jsonl")
-        if args.probe_sft_path is None:
-            args.probe_sft_path = "data/embedded/sft_validation.jsonl"
         if args.pairs_path is None:
             args.pairs_path = args.data_path or "./dataset/dpo_pairs.jsonl"
-        if args.probe_samples is None:
-            on_cpu = args.device == "cpu" or not torch.cuda.is_available()
-            args.probe_samples = 32 if on_cpu else 256
         if args.kl_topk < 0:
             raise ValueError("--kl_topk must be >= 0")
 
     def build_datasets(self, args, tokenizer):
         from dataset.datasets import PreferenceDataset, training_dataset
 
-        self._resolve_args(args)
         self.args = args
         if not Path(args.pairs_path).is_file():
             raise FileNotFoundError(f"preference pairs {args.pairs_path} not found: generate them with "
@@ -624,9 +590,10 @@ class DPOTask(Task):
                          length_norm=a.length_norm, ref_model=self.ref_model, ref=self._ref_for(batch),
                          want_kl=True)
 
-    def compute_loss(self, model, batch):
-        res, metrics, _ = self._dpo(model, batch)
-        return res.losses.sum(), batch["chosen_input_ids"].size(0), metrics
+    def compute_loss(self, model, batch) -> Loss:
+        res, metrics, out = self._dpo(model, batch)  # one policy forward: chosen and rejected as [2B, T]
+        return Loss(res.losses.sum(), batch["chosen_input_ids"].size(0), metrics,
+                    aux=out.aux_loss if model.training else None)
 
     def kl_available(self) -> bool:
         """Whether the KL can be computed (exactly with a reference model, or from precomputed top-k)."""
@@ -702,7 +669,7 @@ class DPOTask(Task):
             t0 = time.time()
             res = trainer.evaluate()
             self.initial_metrics = res
-            trainer.logger.metrics({"step": 0, "epoch": 0.0, **res})
+            trainer.record(res)
             trainer.log("eval step 0 (before DPO): " + " ".join(f"{k} {v:.4f}" for k, v in res.items())
                         + f" ({time.time() - t0:.1f}s)")
 

@@ -73,13 +73,22 @@ class RunLogger:
                 f.write("".join(k + "\n" for k in kept))
             self._metrics = open(mpath, "a", encoding="utf-8", buffering=1)
             self._log_file = open(self.run_dir / "train.log", "a", encoding="utf-8", buffering=1)
-        if sys.stdout.isatty() and total_steps > 0:
-            try:
-                from tqdm import tqdm
+        self.set_total(total_steps, resume_step)
 
-                self.bar = tqdm(total=total_steps, initial=resume_step, dynamic_ncols=True, leave=True)
-            except ImportError:
-                self.bar = None
+    def set_total(self, total_steps: int, initial: int = 0) -> None:
+        """The number of steps (known after the setup); shows the progress bar on a terminal."""
+        if not self.enabled or total_steps <= 0 or not sys.stdout.isatty():
+            return
+        if self.bar is not None:
+            self.bar.total, self.bar.n = total_steps, initial
+            self.bar.refresh()
+            return
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial, dynamic_ncols=True, leave=True)
+        except ImportError:
+            self.bar = None
 
     # ---- plain lines
     def info(self, msg: str) -> None:

@@ -8,9 +8,11 @@ The interface (``trainer/dpo.py`` implements it too)::
 
     class Task:
         name: str          # "pretrain" | "sft" | "dpo"; run dir default <out_dir>/<name>_<model-tag>
+        defaults, cpu_defaults: dict                           # this stage's defaults (see trainer/args.py)
+        def resolve_args(self, args, on_cpu) -> None           # optional: derived defaults (trainer/args.py)
         def build_datasets(self, args, tokenizer) -> (train_ds, {eval_name: eval_ds})
         def collate_fn(self, tokenizer) -> callable             # list of items -> batch dict
-        def compute_loss(self, model, batch) -> (loss_sum, count, metrics)
+        def compute_loss(self, model, batch) -> Loss
         def evaluate(self, model, eval_batches_iter) -> dict[str, float]   # optional
         def on_train_start(self, trainer) -> None                          # optional hook
         def extra_eval(self, trainer) -> dict[str, float]                  # optional hook
@@ -18,22 +20,24 @@ The interface (``trainer/dpo.py`` implements it too)::
         @staticmethod
         def add_args(parser) -> None                                       # stage-specific flags
 
-``compute_loss`` contract:
+``compute_loss`` contract (returns a :class:`Loss`):
 
 - ``model`` is what the trainer trains: the bare model, a DDP wrapper or a DeepSpeed engine; call it as
   ``model(input_ids, attention_mask=...)`` and read ``.logits``. The trainer runs the call under
   autocast and moves the batch to the device before.
-- ``loss_sum``: the loss *summed* over the units of this micro-batch (target tokens for pretraining /
-  SFT, preference pairs for DPO). ``count``: the number of units (a tensor or int). ``metrics``: extra
-  scalars, also sums over units (e.g. ``{"rewards/accuracies": n_correct}``); the trainer divides them
-  by the global unit count of the logging window.
-- The trainer normalises by the *global* unit count of the optimizer step (all ranks, all accumulated
+- ``Loss.sum``: the loss *summed* over the units of this micro-batch (target tokens for pretraining /
+  SFT, preference pairs for DPO); this is also the logged ``loss``. ``Loss.count``: the number of units.
+  ``Loss.metrics``: extra scalars, also sums over units (e.g. ``{"rewards/accuracies": n_correct}``); the
+  trainer divides them by the global unit count of the logging window.
+- ``Loss.aux``: the MoE balance loss of this micro-batch's training forward (``out.aux_loss``, a mean,
+  ``aux_loss_alpha`` already applied inside the model), or None. The task passes it explicitly; the
+  objective is ``Loss.sum · world / N + Loss.aux / accumulation_steps`` (N below), i.e. the token-mean loss
+  of the global batch plus the balance loss averaged over its micro-batches.
+- The trainer normalises by the *global* unit count ``N`` of the optimizer step (all ranks, all accumulated
   micro-batches), which it gets before the backward passes from ``count_units(batch)`` (default:
-  the number of ``targets != -100`` when the batch has ``targets``, else the batch size). A task whose
-  ``count`` is something else must override ``count_units`` so that both agree. So one process with
+  the number of ``targets != IGNORE_INDEX`` when the batch has ``targets``, else the batch size). A task
+  whose ``count`` is something else must override ``count_units`` so that both agree. So one process with
   global batch B gives the same gradients as N processes with B/N each.
-- The MoE balance loss (``out.aux_loss`` of every training forward of the trained model) is added by the
-  trainer (a forward hook), with weight 1 (``aux_loss_alpha`` is inside the model); a task must not add it.
 
 ``evaluate(model, batches)`` is called once per eval set with this rank's shard of that set (model in
 eval mode, under ``torch.no_grad`` and autocast, batches on the device); the default returns
@@ -46,22 +50,25 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from model.losses import IGNORE_INDEX, nll_sum
 
 from . import distributed as dist_utils
 
-IGNORE_INDEX = -100
 
+@dataclass
+class Loss:
+    """One micro-batch's loss, as :meth:`Task.compute_loss` returns it (see the module docstring)."""
 
-def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy summed over the target tokens (fp32), and their number. ``targets`` pre-shifted."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (targets != IGNORE_INDEX).sum()
+    sum: torch.Tensor
+    count: torch.Tensor | int
+    metrics: dict = field(default_factory=dict)
+    aux: torch.Tensor | None = None
 
 
 DEFAULT_PRETRAIN_BIN = "data/pretrain/pretrain_train.bin"
@@ -110,7 +117,10 @@ class Task:
 
         return pad_collate(pad_token_id(tokenizer))
 
-    def compute_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def resolve_args(self, args, on_cpu: bool) -> None:
+        """Derived defaults of this stage's own flags (called by ``trainer.args.fill_defaults``)."""
+
+    def compute_loss(self, model, batch) -> Loss:
         raise NotImplementedError
 
     def count_units(self, batch) -> torch.Tensor | int:
@@ -123,8 +133,8 @@ class Task:
     def evaluate(self, model, eval_batches_iter: Iterable[dict]) -> dict[str, float]:
         total = torch.zeros(2, dtype=torch.float64)
         for batch in eval_batches_iter:
-            loss_sum, count, _ = self.compute_loss(model, batch)
-            total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
+            loss = self.compute_loss(model, batch)
+            total += torch.tensor([float(loss.sum), float(loss.count)], dtype=torch.float64)
         total = dist_utils.all_reduce_sum(total)
         return {"loss": float(total[0] / total[1]) if total[1] > 0 else float("nan")}
 
@@ -136,34 +146,52 @@ class Task:
         return {}
 
 
+def add_bpc_args(parser, what: str) -> None:
+    parser.add_argument("--bpc_path", default=None,
+                        help=f"held-out JSONL for bits per character at each evaluation (val/bpc), scored by "
+                             f"evaluation.bpc.HeldoutBPC [{what}]")
+    parser.add_argument("--bpc_samples", type=int, default=None,
+                        help="records of --bpc_path in the fixed seeded sample, spread over the whole file "
+                             "(0: no val/bpc) [200]")
+
+
 class LMTask(Task):
-    """Next-token cross-entropy over ``targets != -100`` (shared by pretraining and SFT)."""
+    """Next-token cross-entropy over ``targets != IGNORE_INDEX`` (shared by pretraining and SFT)."""
 
     pass_attention_mask = True
 
-    def compute_loss(self, model, batch):
+    def compute_loss(self, model, batch) -> Loss:
         if self.pass_attention_mask and "attention_mask" in batch:
             out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         else:
             out = model(batch["input_ids"])
-        loss_sum, count = token_ce_sum(out.logits, batch["targets"])
-        return loss_sum, count, {}
+        total, count = nll_sum(out.logits, batch["targets"])
+        return Loss(total, count, aux=out.aux_loss if model.training else None)
 
 
 class PretrainTask(LMTask):
     """Pretraining on a packed ``.bin`` (windows of ``max_seq_len + 1`` tokens; no padding)."""
 
     name = "pretrain"
-    defaults = {"learning_rate": 2e-4, "accumulation_steps": 8, "epochs": 1}
+    defaults = {"learning_rate": 2e-4, "accumulation_steps": 8, "epochs": 1, "bpc_samples": 200}
     cpu_defaults = {"batch_size": 16, "accumulation_steps": 1, "max_seq_len": 128, "max_steps": 200,
                     "learning_rate": 1e-3, "warmup_ratio": 0.05, "num_workers": 0, "log_interval": 20,
-                    "save_interval": 100, "eval_interval": 100, "eval_batches": 10}
+                    "save_interval": 100, "eval_interval": 100, "eval_batches": 10, "bpc_samples": 100}
     pass_attention_mask = False  # full windows: no padding, the causal mask is enough
 
     @staticmethod
     def add_args(parser):
         parser.add_argument("--eval_data_path", default=None,
                             help="validation .bin (default: pretrain_validation.bin beside --data_path)")
+        add_bpc_args(parser, "the JSONL the validation .bin was built from (its sidecar's sources)")
+
+    def resolve_args(self, args, on_cpu: bool) -> None:
+        if args.bpc_path is None:
+            path = Path(args.data_path or DEFAULT_PRETRAIN_BIN)
+            val = Path(args.eval_data_path) if args.eval_data_path else \
+                path.with_name(path.name.replace("_train", "_validation"))
+            args.bpc_path = _bin_text_source(val) or (None if args.data_path else
+                                                      "data/embedded/pretrain_validation.jsonl")
 
     def build_datasets(self, args, tokenizer):
         from dataset.datasets import PretrainDataset
@@ -184,14 +212,27 @@ class PretrainTask(LMTask):
         return train, evals
 
 
+def _bin_text_source(bin_path: Path) -> str | None:
+    """The ``{"text"}`` JSONL a ``.bin`` was built from (its sidecar's only source), if it is still there."""
+    import json
+
+    side = Path(bin_path).with_suffix(".json")
+    try:
+        sources = json.loads(side.read_text(encoding="utf-8")).get("sources") or []
+    except (OSError, ValueError):
+        return None
+    return sources[0] if len(sources) == 1 and str(sources[0]).endswith(".jsonl") and Path(sources[0]).is_file() \
+        else None
+
+
 class SFTTask(LMTask):
     """Supervised fine-tuning on chat JSONL (loss on the assistant answers and their end token)."""
 
     name = "sft"
-    defaults = {"learning_rate": 2e-5, "accumulation_steps": 1, "epochs": 1}
+    defaults = {"learning_rate": 2e-5, "accumulation_steps": 1, "epochs": 1, "bpc_samples": 200}
     cpu_defaults = {"batch_size": 16, "max_seq_len": 192, "max_steps": 100, "learning_rate": 3e-4,
                     "warmup_ratio": 0.05, "num_workers": 0, "log_interval": 20, "save_interval": 100,
-                    "eval_interval": 50, "eval_batches": 10}
+                    "eval_interval": 50, "eval_batches": 10, "bpc_samples": 100}
     #: ``--init_from`` default: the latest checkpoint of ``<out_dir>/pretrain_<model tag>``
     init_from_stage = "pretrain"
 
@@ -199,9 +240,21 @@ class SFTTask(LMTask):
     def add_args(parser):
         parser.add_argument("--eval_data_path", default=None,
                             help="validation JSONL (default: sft_validation.jsonl beside --data_path)")
+        add_bpc_args(parser, "the validation JSONL (answers only)")
         from dataset.datasets import add_data_args
 
         add_data_args(parser)  # --on_error, --cache_dir, --data_workers
+
+    def resolve_args(self, args, on_cpu: bool) -> None:
+        if args.bpc_path is None:
+            if args.eval_data_path:
+                args.bpc_path = args.eval_data_path
+            elif args.data_path:
+                p = Path(args.data_path)
+                args.bpc_path = str(p.with_name(p.name.replace("_train", "_validation"))) \
+                    if "_train" in p.name else None
+            else:
+                args.bpc_path = "data/embedded/sft_validation.jsonl"
 
     def build_datasets(self, args, tokenizer):
         from dataset.datasets import SFTDataset, training_dataset

@@ -2,43 +2,56 @@
 
 ``run(task, argv)`` parses the flags (``trainer.args``) and trains; ``Trainer(args, task).train()``
 does the same with parsed arguments. Returns the process exit status (0: finished or stopped by a
-signal after saving; 1: stopped by a non-finite loss).
+signal after saving; 1: stopped by a non-finite loss). A run directory that already has checkpoints is
+refused (exit 2) unless ``--resume`` continues it or ``--overwrite`` deletes its checkpoints and logs.
 
 What a task can use from the trainer (``on_train_start`` / ``extra_eval`` hooks):
 ``trainer.args``, ``trainer.dist`` (rank, world size, device), ``trainer.device``, ``trainer.tokenizer``,
 ``trainer.model`` (the bare model), ``trainer.train_model`` (what ``compute_loss`` gets: the model, a
 DDP wrapper or a DeepSpeed engine), ``trainer.autocast()``, ``trainer.to_device(batch)``,
-``trainer.log(msg)``, ``trainer.step``, ``trainer.total_steps``, ``trainer.run_dir``,
-``trainer.train_dataset``, ``trainer.eval_datasets``, ``trainer.collate``, ``trainer.init_from``
-(resolved checkpoint dir or None), ``trainer.eval_loader(dataset)`` (this rank's shard), ``trainer.config``
-(the model config), ``trainer.logger.metrics(record)`` (a ``metrics.jsonl`` / wandb record, rank 0),
-``trainer.evaluate()`` (every eval set + ``extra_eval``).
+``trainer.log(msg)``, ``trainer.step``, ``trainer.total_steps`` (known after ``on_train_start``),
+``trainer.run_dir``, ``trainer.train_dataset``, ``trainer.eval_datasets``, ``trainer.collate``,
+``trainer.init_from`` (resolved checkpoint dir or None), ``trainer.eval_loader(dataset)`` (this rank's
+shard of the fixed validation sample), ``trainer.config`` (the model config), ``trainer.record(values)``
+(a ``metrics.jsonl`` / wandb record with step, epoch, cumulative ``tokens`` and ``flops``; rank 0 writes),
+``trainer.evaluate()`` (every eval set, ``val/bpc`` and ``extra_eval``).
 
-Resume (``--resume``) needs the same global micro-batch (``batch_size`` x processes), accumulation, seed
-and training set: the data position and the schedule are functions of the step. So a DDP / plain run
-may resume on another number of processes when ``batch_size`` x processes stays the same (e.g. 1 x 32 ->
+Every ``metrics.jsonl`` record carries ``tokens`` (training tokens so far, all ranks: the non-padding
+inputs of the trained model's forward passes) and ``flops`` (``tokens`` x the model's training FLOPs per
+token, ``model.presets.parameter_report`` at ``--max_seq_len``); both continue across ``--resume``.
+Evaluations score a fixed seeded sample of each eval set (``--eval_batches``) and, for pretraining and SFT,
+held-out bits per character (``val/bpc``, ``evaluation.bpc.HeldoutBPC``; sizes in the first log lines).
+
+Resume (``--resume``) needs the same global micro-batch (``batch_size`` x processes), accumulation, seed,
+optimizer and training set: the data position and the schedule are functions of the step. So a DDP / plain
+run may resume on another number of processes when ``batch_size`` x processes stays the same (e.g. 1 x 32 ->
 2 x 16); anything else is refused with a message. DeepSpeed checkpoints resume on the same world size;
 plain/DDP and DeepSpeed checkpoints do not resume into each other (``--init_from`` takes the weights).
-``--max_steps`` (optimizer steps) overrides ``--epochs`` and may cycle the data several times.
+``--max_steps`` (optimizer steps) overrides ``--epochs`` and may cycle the data several times;
+``--max_minutes`` fixes the number of steps from a timed probe (saved in the trainer state, so a resumed
+run keeps it).
 
 Per optimizer step (``accumulation_steps`` micro-batches on each of ``world_size`` processes):
 
 1. the step's micro-batches are read from a deterministic stream (seeded permutation per epoch; global
    micro-batch ``k`` is split over the ranks), so the data position is a function of the step;
-2. their units (target tokens, pairs) are counted and summed over ranks: ``N``;
-3. each micro-batch backpropagates ``loss_sum * world_size / N`` (+ the MoE balance loss / accumulation);
-   DDP / ZeRO average over ranks, so the update equals one process with the whole global batch;
-4. non-finite loss / stop signal are agreed on by all ranks (one MAX all-reduce), then the
-   optimizer steps with the scheduled learning rate (set before every step; clipping before it).
+2. their units (target tokens, pairs) and tokens are counted and summed over ranks: ``N``;
+3. each micro-batch backpropagates ``Loss.sum * world_size / N + Loss.aux / accumulation`` (the task's loss and
+   the MoE balance loss the task returns; ``trainer/tasks.py``); DDP / ZeRO average over ranks, so the
+   update equals one process with the whole global batch;
+4. non-finite loss / stop signal are agreed on by all ranks (one MAX all-reduce), then the backend
+   (``trainer/backend.py``: plain / DDP / DeepSpeed) clips and steps with the scheduled learning rates (every
+   parameter group's rate is set before every step, ``trainer/optim.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
-import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,18 +63,17 @@ from torch.utils.data import DataLoader, Sampler
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_utils
 from .args import fill_defaults, parse_args, public_args
+from .backend import DeepSpeedBackend, PlainBackend
 from .logging import RunLogger, fmt_duration
+from .optim import build_optimizer, param_groups, set_lrs
 from .schedule import lr_at, warmup_steps
 from .signals import LauncherWatch, StopSignal, ignore_in_worker
+from .tasks import Task
 
 MOE_TWINS = {"mateconv-0.02b": "mateconv-moe-0.1b", "mateconv-tiny": "mateconv-moe-tiny"}
 _CONFIG_IGNORE = {"torch_dtype", "dtype", "transformers_version", "architectures", "auto_map", "_name_or_path",
                   "max_position_embeddings", "use_cache", "output_attentions", "output_hidden_states",
                   "return_dict", "bias_update_rate", "aux_loss_alpha", "aux_free_balancing"}
-
-
-class StopTraining(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -200,23 +212,85 @@ def _set_rng_state(st: dict) -> None:
 # --------------------------------------------------------------------------------------------- trainer
 
 
+class RunDirInUse(SystemExit):
+    """A run directory that already has checkpoints, started without ``--resume`` / ``--overwrite``
+    (printed without a traceback, exit status 2)."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(f"error: {message}")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+EVAL_SAMPLE_SEED = 1234  # the fixed validation sample (--eval_batches) of every run
+PROBE_STEPS = 3  # --max_minutes: optimizer steps timed before the run (the first one is a warm-up)
+
+
+class Window:
+    """Sums of one logging window (device tensors: no sync until its log line), and its wall time."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        self.sums = {"loss": z(), "count": z(), "aux": z(), "n_aux": z()}
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.load = None
+        self.tokens = 0
+        self.t0 = time.time()
+
+    def add(self, loss, load) -> None:
+        self.sums["loss"] += loss.sum.detach().double()
+        self.sums["count"] += torch.as_tensor(loss.count, dtype=torch.float64, device=self.device)
+        if loss.aux is not None:
+            self.sums["aux"] += loss.aux.detach().double()
+            self.sums["n_aux"] += 1
+        for k, v in loss.metrics.items():
+            v = torch.as_tensor(v, dtype=torch.float64, device=self.device).detach()
+            self.metrics[k] = self.metrics[k] + v if k in self.metrics else v.clone()
+        if load is not None and load.numel():
+            self.load = load.double() if self.load is None else self.load + load.double()
+
+
 class Trainer:
     def __init__(self, args, task):
         self.args = args
         self.task = task
         self.step = 0
         self.total_steps = 0
+        self.tokens = 0  # cumulative training tokens (all ranks; non-padding inputs of the trained model)
         self.model = None
-        self.train_model = None
-        self.engine = None
-        self.optimizer = None
-        self.scaler = None
+        self.backend = None
         self.logger = RunLogger(None, enabled=False)
-        self._aux: list[torch.Tensor] = []
-        self._load_acc = None
         self.init_from = None
+        self.resume_from = None
+        self.bpc = None
+        self.plan_note = ""
+        self.log_pending: list[str] = []
+        try:  # the wall budget (--max_minutes) counts from the start of the process
+            import psutil
+
+            self.t_launch = psutil.Process().create_time()
+        except Exception:  # noqa: BLE001
+            self.t_launch = time.time()
 
     # ---------------------------------------------------------------- small API for tasks
+    @property
+    def train_model(self):
+        return self.backend.train_model if self.backend is not None else self.model
+
+    @property
+    def optimizer(self):
+        return self.backend.optimizer if self.backend is not None else None
+
+    @property
+    def engine(self):
+        return getattr(self.backend, "engine", None)
+
     def log(self, msg: str) -> None:
         self.logger.info(msg)
 
@@ -230,14 +304,28 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
                 for k, v in batch.items()}
 
+    def eval_indices(self, n: int, batch_size: int | None = None) -> list[int]:
+        """The validation sample (all ranks together): ``--eval_batches`` x batch x processes items drawn once
+        with a fixed seed from the whole eval set (in file order), or all of it (``--eval_batches 0``)."""
+        limit, bs = self.args.eval_batches, batch_size or self.args.batch_size
+        want = limit * bs * self.dist.world_size if limit and limit > 0 else n
+        if want >= n:
+            return list(range(n))
+        g = torch.Generator().manual_seed(EVAL_SAMPLE_SEED)
+        return torch.randperm(n, generator=g)[:want].sort().values.tolist()
+
     def eval_loader(self, dataset, batch_size: int | None = None) -> DataLoader:
-        idx = list(range(self.dist.rank, len(dataset), self.dist.world_size))
-        limit = self.args.eval_batches
-        bs = batch_size or self.args.batch_size
-        if limit and limit > 0:
-            idx = idx[: limit * bs]
-        return DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=bs, shuffle=False,
-                          collate_fn=self.collate, num_workers=0)
+        """This rank's shard of the validation sample of ``dataset`` (see :meth:`eval_indices`)."""
+        idx = self.eval_indices(len(dataset), batch_size)[self.dist.rank::self.dist.world_size]
+        return DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size or self.args.batch_size,
+                          shuffle=False, collate_fn=self.collate, num_workers=0)
+
+    def record(self, values: dict) -> dict:
+        """One ``metrics.jsonl`` / wandb record: step, epoch, the values, cumulative tokens and FLOPs."""
+        rec = {"step": self.step, "epoch": round(self.step * self.args.accumulation_steps / self.micro_per_epoch, 4),
+               **values, "tokens": int(self.tokens), "flops": float(self.tokens) * self.flops_per_token}
+        self.logger.metrics(rec)
+        return rec
 
     # ---------------------------------------------------------------- setup
     def _setup_env(self):
@@ -248,15 +336,13 @@ class Trainer:
         self.device = self.dist.device
         on_cpu = self.device.type == "cpu"
         fill_defaults(a, self.task, on_cpu)
+        if a.resume and a.overwrite:
+            raise SystemExit("error: --resume and --overwrite exclude each other")
+        self.threads_note = ""
         if on_cpu:
-            n = a.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-            if not n:
-                try:
-                    cores = len(os.sched_getaffinity(0))
-                except AttributeError:
-                    cores = os.cpu_count() or 1
-                n = max(1, cores // max(1, self.dist.local_world_size))
+            n, why = dist_utils.pick_num_threads(a.num_threads, self.dist.local_world_size)
             torch.set_num_threads(n)
+            self.threads_note = f"{n} threads: {why}"
         dist_utils.init(self.dist)
         self.amp_dtype, self.precision_note = resolve_dtype(a.dtype, self.device)
         random.seed(a.seed)
@@ -334,17 +420,6 @@ class Trainer:
             ckpt_lib.load_model_weights(model, self.init_from)
         self.model = model
         self.is_moe = bool(getattr(config, "use_moe", False))
-        model.register_forward_hook(self._forward_hook)
-
-    def _forward_hook(self, module, inputs, output):
-        if not (module.training and torch.is_grad_enabled()):
-            return
-        aux = getattr(output, "aux_loss", None)
-        if aux is not None:
-            self._aux.append(aux)
-        if self.is_moe:
-            load = module.expert_load().float()
-            self._load_acc = load if self._load_acc is None else self._load_acc + load
 
     def _setup_run_dir(self):
         a = self.args
@@ -355,6 +430,18 @@ class Trainer:
         self.resume_from = None
         if a.resume:  # the newest intact checkpoint (damaged ones are named and passed over), or exit 2
             self.resume_from = ckpt_lib.resume_checkpoint(self.ckpt_root, a.resume, warn=self.log_pending.append)
+        else:
+            existing = ckpt_lib.list_checkpoints(self.ckpt_root)
+            if existing and not a.overwrite:
+                raise RunDirInUse(f"{self.run_dir} already has checkpoints (latest {existing[-1].name}): continue "
+                                  f"that run with --resume, or start afresh with --overwrite (deletes its checkpoints, "
+                                  f"metrics.jsonl and train.log), or choose another --run_name / --out_dir")
+            if existing and self.dist.is_main:
+                shutil.rmtree(self.ckpt_root)
+                for name in ("metrics.jsonl", "train.log", "args.json"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+                self.log_pending.append(f"--overwrite: removed {len(existing)} checkpoint(s) and the logs of the "
+                                        f"previous run in {self.run_dir}")
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -370,22 +457,38 @@ class Trainer:
         self.micro_per_epoch = n // self.global_micro
         if self.micro_per_epoch < 1:
             raise ValueError(f"{n} training samples: fewer than one global micro-batch of {self.global_micro}")
-        if a.max_steps and a.max_steps > 0:
-            self.total_steps = int(a.max_steps)
-        else:
-            self.total_steps = (a.epochs * self.micro_per_epoch) // a.accumulation_steps
-        if self.total_steps < 1:
-            raise ValueError("no optimizer step to take: more data, more --epochs, or a smaller batch")
-        self.warmup = warmup_steps(self.total_steps, a.warmup_iters, a.warmup_ratio)
+        from model import parameter_report
 
-    def _param_groups(self):
-        decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": self.args.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        self.flops_per_token = parameter_report(self.config, seq_len=a.max_seq_len)["flops_per_token"]
+        path = getattr(a, "bpc_path", None)
+        if path and getattr(a, "bpc_samples", 0) and Path(path).is_file():
+            from evaluation.bpc import HeldoutBPC
+
+            self.bpc = HeldoutBPC(self.tokenizer, path, n=a.bpc_samples, seed=0, max_seq_len=a.max_seq_len,
+                                  batch_size=a.batch_size)
+        elif path and getattr(a, "bpc_samples", 0):
+            self.log_pending.append(f"note: no held-out bits/char ({path} not found)")
+
+    def _setup_optim(self):
+        a = self.args
+        self.model.to(self.device)
+        if a.compile:
+            self.model.compile()  # in place: parameter names, state dicts and checkpoints are unchanged
+        groups = param_groups(self.model, a.optimizer, lr=a.learning_rate, muon_lr=a.muon_lr,
+                              weight_decay=a.weight_decay)
+        self.groups_note = ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']) / 1e6:.2f}M params "
+                                     f"(peak lr {g['peak_lr']:g})" for g in groups)
+        if self.dist.use_deepspeed:
+            cfg = self._ds_config()
+            self.ds_config = cfg
+            optimizer = None
+            if cfg.get("optimizer") is None:
+                optimizer = build_optimizer(groups, self.device)
+            ds_groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "peak_lr")} for g in groups]
+            self.backend = DeepSpeedBackend(self.model, ds_groups, cfg, accum=a.accumulation_steps, optimizer=optimizer)
+        else:
+            self.backend = PlainBackend(self.model, build_optimizer(groups, self.device), dist=self.dist,
+                                        amp_dtype=self.amp_dtype, grad_clip=a.grad_clip, find_unused=self.is_moe)
 
     def _ds_config(self) -> dict:
         a = self.args
@@ -424,7 +527,18 @@ class Trainer:
         if zero.get("stage", 0) == 3:
             zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
         opt = cfg.get("optimizer")
-        if opt is not None:
+        if a.optimizer == "muon":
+            opt = cfg["optimizer"] = self._ds_muon_optimizer(opt)
+        if opt is not None and opt.get("type", "").lower() == "muon":
+            params = opt.setdefault("params", {})
+            fill(params, "muon_lr", a.muon_lr)
+            fill(params, "adam_lr", a.learning_rate)
+            fill(params, "lr", a.learning_rate)
+            fill(params, "weight_decay", a.weight_decay)
+            fill(params, "momentum", 0.95)
+            fill(params, "betas", [0.9, 0.95])
+            fill(params, "eps", 1e-8)
+        elif opt is not None:
             params = opt.setdefault("params", {})
             fill(params, "lr", a.learning_rate)
             fill(params, "weight_decay", a.weight_decay)
@@ -434,37 +548,20 @@ class Trainer:
         cfg.setdefault("steps_per_print", 10**9)
         return cfg
 
-    def _setup_optim(self):
-        a = self.args
-        groups = self._param_groups()
-        if self.dist.use_deepspeed:
-            import deepspeed
-
-            cfg = self._ds_config()
-            self.ds_config = cfg
-            self.model.to(self.device)
-            optimizer = None
-            if cfg.get("optimizer") is None:
-                optimizer = torch.optim.AdamW(groups, lr=a.learning_rate, betas=(0.9, 0.95), eps=1e-8)
-            engine, opt, _, _ = deepspeed.initialize(model=self.model, model_parameters=groups,
-                                                     optimizer=optimizer, config=cfg)
-            self.engine = engine
-            self.optimizer = opt
-            self.train_model = engine
-        else:
-            self.model.to(self.device)
-            fused = self.device.type == "cuda"
-            self.optimizer = torch.optim.AdamW(groups, lr=a.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                               **({"fused": True} if fused else {}))
-            if self.amp_dtype == torch.float16:
-                self.scaler = torch.amp.GradScaler("cuda")
-            if self.dist.world_size > 1:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                       find_unused_parameters=self.is_moe)
-            else:
-                self.train_model = self.model
+    def _ds_muon_optimizer(self, opt: dict | None) -> dict:
+        """``--optimizer muon`` under DeepSpeed: DeepSpeed's own Muon (``"type": "Muon"``, ZeRO-aware), which
+        takes every >= 2-D parameter except embeddings / LM head (so the MoE router too) and AdamW for the rest."""
+        if opt is not None and opt.get("type", "").lower() not in ("adam", "adamw", "muon"):
+            raise SystemExit(f"error: --optimizer muon, but {self.ds_config_path} sets optimizer {opt.get('type')!r}")
+        try:
+            from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"error: --optimizer muon: this DeepSpeed has no Muon optimizer ({e}); train with "
+                             f"--deepspeed none (DDP, torch.optim.Muon) or --optimizer adamw") from None
+        if opt is not None and opt.get("type", "").lower() == "muon":
+            return opt
+        return {"type": "Muon", "params": {k: v for k, v in (opt or {}).get("params", {}).items()
+                                           if k in ("lr", "weight_decay", "betas", "eps")}}
 
     def _check_resume_state(self, st: dict):
         a = self.args
@@ -476,6 +573,8 @@ class Trainer:
                             f"({a.batch_size} x {self.dist.world_size})")
         if st.get("accumulation_steps") not in (None, a.accumulation_steps):
             problems.append(f"accumulation_steps {st.get('accumulation_steps')} vs {a.accumulation_steps}")
+        if st.get("optimizer", "adamw") != a.optimizer:
+            problems.append(f"optimizer {st.get('optimizer', 'adamw')} vs {a.optimizer}")
         if st.get("seed") not in (None, a.seed):
             problems.append(f"seed {st.get('seed')} vs {a.seed}")
         if st.get("train_samples") not in (None, len(self.train_dataset)):
@@ -495,24 +594,98 @@ class Trainer:
     def _resume(self):
         st = ckpt_lib.read_state(self.resume_from)
         self._check_resume_state(st)
-        if self.engine is not None:
-            load_path, _ = self.engine.load_checkpoint(str(self.resume_from / "deepspeed"), tag="state",
-                                                       load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load {self.resume_from / 'deepspeed'}")
-        else:
-            ckpt_lib.load_model_weights(self.model, self.resume_from)
-            opt = torch.load(self.resume_from / "optimizer.pt", map_location="cpu", weights_only=False)
-            self.optimizer.load_state_dict(opt["optimizer"])
-            if self.scaler is not None and opt.get("scaler"):
-                self.scaler.load_state_dict(opt["scaler"])
+        self.backend.load(self.resume_from)
         rng = self.resume_from / f"rng_rank{self.dist.rank}.pt"
         if rng.is_file():
             _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
         self.step = int(st["step"])
+        self.tokens = int(st.get("tokens", 0))
+
+    # ---------------------------------------------------------------- how many steps
+    def _plan_steps(self) -> None:
+        """``total_steps`` and the warmup: from the checkpoint (resume of a ``--max_minutes`` run), from the wall
+        budget (``--max_minutes``; an explicit ``--max_steps`` caps it), ``--max_steps`` or ``--epochs``."""
+        a = self.args
+        st = ckpt_lib.read_state(self.resume_from) if self.resume_from is not None else {}
+        explicit_steps = a.max_steps if a.max_steps and "max_steps" not in a.defaulted else 0
+        if a.max_minutes and a.max_minutes > 0:
+            if st.get("max_minutes"):
+                self.total_steps = int(st["total_steps"])
+                self.plan_note = (f"--max_minutes {st['max_minutes']:g}: {self.total_steps} optimizer steps, as fixed "
+                                  f"when the run started ({self.resume_from.name})")
+            else:
+                self.total_steps = self._steps_for_budget(a.max_minutes * 60.0, explicit_steps)
+        elif a.max_steps and a.max_steps > 0:
+            self.total_steps = int(a.max_steps)
+        else:
+            self.total_steps = (a.epochs * self.micro_per_epoch) // a.accumulation_steps
+        if self.total_steps < 1:
+            raise ValueError("no optimizer step to take: more data, more --epochs, or a smaller batch")
+        self.warmup = warmup_steps(self.total_steps, a.warmup_iters, a.warmup_ratio)
         if self.step >= self.total_steps:
-            self.log_pending.append(f"checkpoint is at step {self.step} >= total {self.total_steps}: nothing to do")
+            self.log(f"checkpoint is at step {self.step} >= total {self.total_steps}: nothing to do")
+
+    def _steps_for_budget(self, budget_s: float, cap: int) -> int:
+        """Time ``PROBE_STEPS`` real optimizer steps (weights, optimizer and RNG restored afterwards; the slowest
+        rank counts), then fit the steps and their evaluations into what is left of ``budget_s``."""
+        a, accum = self.args, self.args.accumulation_steps
+        t_step = self._probe_step_time()
+        left = budget_s - (time.time() - self.t_launch)
+        # an evaluation batch is a forward pass: about 1/3 of a training micro-batch of the same size
+        n_eval = sum(len(self.eval_loader(ds)) for ds in self.eval_datasets.values())
+        if self.bpc is not None:
+            n_eval += -(-len(self.bpc.items) // max(1, self.dist.world_size * self.bpc.batch_size))
+        t_eval = n_eval * t_step / accum / 3
+        per_step = t_step + (t_eval / a.eval_interval if a.eval_interval else 0.0)
+        steps = max(1, int((left - t_eval) / per_step))
+        if cap:
+            steps = min(steps, cap)
+        self.plan_note = (f"--max_minutes {a.max_minutes:g}: {t_step * 1e3:.0f} ms per optimizer step ({PROBE_STEPS} "
+                          f"probe steps), ~{t_eval:.1f} s per evaluation, {left:.0f} s left after setup -> {steps} "
+                          f"optimizer steps" + (f" (capped by --max_steps {cap})" if cap and steps == cap else ""))
+        return steps
+
+    def _probe_step_time(self) -> float:
+        a, accum = self.args, self.args.accumulation_steps
+        rng = _rng_state()
+        if isinstance(self.backend, DeepSpeedBackend):  # the engine's state cannot be rolled back: a plain copy
+            model = copy.deepcopy(self.model)
+            groups = param_groups(model, a.optimizer, lr=a.learning_rate, muon_lr=a.muon_lr,
+                                  weight_decay=a.weight_decay)
+            backend = PlainBackend(model, build_optimizer(groups, self.device), dist=dist_utils.DistEnv("plain"),
+                                   amp_dtype=None, grad_clip=a.grad_clip, find_unused=False)
+            saved = None
+        else:
+            backend, model = self.backend, self.model
+            saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(backend.optimizer.state_dict()),
+                     copy.deepcopy(backend.scaler.state_dict()) if backend.scaler is not None else None)
+        sampler = StreamSampler(len(self.train_dataset), a.batch_size, self.dist.world_size, self.dist.rank, a.seed,
+                                0, PROBE_STEPS * accum)
+        it = iter(DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=0))
+        times = []
+        model.train()
+        for _ in range(PROBE_STEPS):
+            t0 = time.perf_counter()
+            micro = [next(it) for _ in range(accum)]
+            units = sum(float(self.task.count_units(b)) for b in micro)
+            for i, b in enumerate(micro):
+                with backend.micro_context(last=i == accum - 1):
+                    with self.autocast():
+                        loss = self.task.compute_loss(backend.train_model, self.to_device(b))
+                    obj = loss.sum.float() / max(units, 1.0)
+                    backend.backward(obj + loss.aux.float() / accum if loss.aux is not None else obj, i == accum - 1)
+            backend.step()
+            times.append(time.perf_counter() - t0)
+        if saved is not None:
+            model.load_state_dict(saved[0])
+            backend.optimizer.load_state_dict(saved[1])
+            if saved[2] is not None:
+                backend.scaler.load_state_dict(saved[2])
+        if self.is_moe:
+            self.model.reset_routing_counts()
+        _set_rng_state(rng)
+        t = float(np.median(times[1:])) if len(times) > 1 else times[0]
+        return float(dist_utils.all_reduce_max(torch.tensor([t], dtype=torch.float64))[0])
 
     # ---------------------------------------------------------------- checkpoint
     def _state(self) -> dict:
@@ -524,6 +697,7 @@ class Trainer:
             "world_size": self.dist.world_size, "batch_size": a.batch_size,
             "global_micro_batch": self.global_micro, "accumulation_steps": a.accumulation_steps,
             "seed": a.seed, "train_samples": len(self.train_dataset), "deepspeed": self.dist.use_deepspeed,
+            "optimizer": a.optimizer, "max_minutes": a.max_minutes or None, "tokens": int(self.tokens),
             "model_tag": self.model_tag, "tokenizer_fingerprint": self.tokenizer_fp,
             "init_from": str(self.init_from) if self.init_from else None,
             "lr": lr_at(max(self.step - 1, 0), self.total_steps, a.learning_rate, self.warmup, a.min_lr_ratio),
@@ -535,25 +709,13 @@ class Trainer:
         tmp = ckpt_lib.tmp_dir(self.ckpt_root, self.step)
         if self.dist.is_main:
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist_utils.barrier()
         torch.save(_rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
-        state_dict = None
-        if self.engine is not None:
-            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            if self.engine.zero_optimization_stage() == 3:
-                state_dict = self.engine._zero3_consolidated_16bit_state_dict()
-            else:
-                state_dict = self.model.state_dict()
+        state_dict = self.backend.save(tmp, self.dist.is_main)
         if self.dist.is_main:
             ckpt_lib.save_hf(self.model, tmp, self.tokenizer, state_dict=state_dict)
-            if self.engine is None:
-                torch.save({"optimizer": self.optimizer.state_dict(),
-                            "scaler": self.scaler.state_dict() if self.scaler is not None else None},
-                           tmp / "optimizer.pt")
         dist_utils.barrier()
         final = None
         if self.dist.is_main:
@@ -566,6 +728,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
+        """Every eval set (``<name>/<key>``), held-out bits/char (``val/bpc``) and the task's ``extra_eval``."""
         res = {}
         self.model.eval()
         try:
@@ -574,36 +737,31 @@ class Trainer:
                     batches = (self.to_device(b) for b in self.eval_loader(ds))
                     with self.autocast():
                         out = self.task.evaluate(self.train_model, batches)
-                    for k, v in out.items():
-                        res[f"{name}/{k}"] = float(v)
+                    res.update({f"{name}/{k}": float(v) for k, v in out.items()})
+                if self.bpc is not None:
+                    out = self.bpc.evaluate(self.train_model, self.device, autocast=self.autocast, rank=self.dist.rank,
+                                            world_size=self.dist.world_size, all_reduce=dist_utils.all_reduce_sum)
+                    res["val/bpc"] = float(out["bpc"])
                 extra = self.task.extra_eval(self)
             res.update({k: float(v) for k, v in (extra or {}).items()})
         finally:
             self.model.train()
         return res
 
-    # ---------------------------------------------------------------- the loop
-    def _moe_stats(self, load: torch.Tensor) -> dict:
-        out = {}
-        if load is None or load.numel() == 0:
-            return out
-        L, E = load.shape
-        frac = load / load.sum(-1, keepdim=True).clamp_min(1e-12)
-        mean = load.mean(-1).clamp_min(1e-12)
-        viol = load.max(-1).values / mean - 1
-        ent = -(frac.clamp_min(1e-12).log() * frac).sum(-1) / math.log(E) if E > 1 else torch.ones(L)
-        for i in range(L):
-            out[f"moe/layer{i}/max_violation"] = float(viol[i])
-            out[f"moe/layer{i}/routing_entropy"] = float(ent[i])
-            for e in range(E):
-                out[f"moe/layer{i}/expert{e}_load"] = float(frac[i, e])
-        out["moe/max_violation"] = float(viol.max())
-        out["moe/routing_entropy"] = float(ent.mean())
-        return out
+    def _has_eval(self) -> bool:
+        return bool(self.eval_datasets) or self.bpc is not None or type(self.task).extra_eval is not Task.extra_eval
 
+    def _eval_and_record(self) -> None:
+        t0 = time.time()
+        res = self.evaluate()
+        if res:
+            self.record(res)
+            self.log(f"eval step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in res.items())
+                     + f" ({time.time() - t0:.1f}s)")
+
+    # ---------------------------------------------------------------- the run
     def train(self) -> int:
         a = self.args
-        self.log_pending: list[str] = []
         self._setup_env()
         self._setup_model_and_tokenizer()
         self._setup_run_dir()
@@ -611,8 +769,7 @@ class Trainer:
         self._setup_optim()
         if self.resume_from is not None:
             self._resume()
-        self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main, total_steps=self.total_steps,
-                                resume_step=self.step)
+        self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main, resume_step=self.step)
         if self.dist.is_main:
             ckpt_lib.write_atomic(self.run_dir / "args.json", json.dumps(public_args(a), indent=2))
         if a.use_wandb:
@@ -623,6 +780,8 @@ class Trainer:
         stopper.install()
         try:
             self.task.on_train_start(self)
+            self._plan_steps()
+            self._log_plan()
             return self._loop(stopper)
         finally:
             stopper.uninstall()
@@ -638,16 +797,18 @@ class Trainer:
     def _log_setup(self):
         a, d = self.args, self.dist
         nparams = sum(p.numel() for p in self.model.parameters())
-        mode = "DeepSpeed" + (f" ZeRO-{self.engine.zero_optimization_stage()}" if self.engine else "") \
-            if d.use_deepspeed else ("DDP" if d.world_size > 1 else "single process")
         self.log(f"{self.task.name}: model {self.model_tag} ({nparams / 1e6:.2f}M params"
-                 f"{', MoE' if self.is_moe else ''}), {mode}, launcher {d.launcher}, world {d.world_size}, "
-                 f"device {self.device}{f' ({torch.get_num_threads()} threads)' if self.device.type == 'cpu' else ''}, "
-                 f"backend {d.backend if d.distributed else '-'}, precision {self.precision_note}")
-        self.log(f"data: {len(self.train_dataset)} train samples, eval sets {list(self.eval_datasets)}; "
-                 f"global batch {self.global_micro} x {a.accumulation_steps} accumulation, seq len {a.max_seq_len}; "
-                 f"{self.total_steps} optimizer steps ({self.total_steps * a.accumulation_steps / self.micro_per_epoch:.2f} "
-                 f"epochs), lr {a.learning_rate:g} warmup {self.warmup} cosine -> {a.min_lr_ratio:g}x")
+                 f"{', MoE' if self.is_moe else ''}), {self.backend.name}, launcher {d.launcher}, world {d.world_size}, "
+                 f"device {self.device}{f' ({self.threads_note})' if self.threads_note else ''}, "
+                 f"backend {d.backend if d.distributed else '-'}, precision {self.precision_note}"
+                 + (", torch.compile" if a.compile else ""))
+        evals = ", ".join(f"{k} ({len(self.eval_indices(len(ds)))} of {len(ds)}, fixed seeded sample)"
+                          for k, ds in self.eval_datasets.items()) or "none"
+        self.log(f"data: {len(self.train_dataset)} train samples, eval sets: {evals}; global batch "
+                 f"{self.global_micro} x {a.accumulation_steps} accumulation, seq len {a.max_seq_len}")
+        if self.bpc is not None:
+            self.log(f"held-out bits/char (val/bpc): {self.bpc.describe()}")
+        self.log(f"optimizer {a.optimizer}: {self.groups_note}")
         if self.init_from is not None:
             self.log(f"initialised from {self.init_from}")
         if self.resume_from is not None:
@@ -657,6 +818,15 @@ class Trainer:
         self.log(f"run dir {self.run_dir}")
         for m in self.log_pending:
             self.log(m)
+
+    def _log_plan(self):
+        a = self.args
+        if self.plan_note:
+            self.log(self.plan_note)
+        lrs = f"lr {a.learning_rate:g}" + (f", muon lr {a.muon_lr:g}" if a.optimizer == "muon" else "")
+        self.log(f"{self.total_steps} optimizer steps ({self.total_steps * a.accumulation_steps / self.micro_per_epoch:.2f}"
+                 f" epochs), {lrs}, warmup {self.warmup}, cosine -> {a.min_lr_ratio:g}x")
+        self.logger.set_total(self.total_steps, self.step)
 
     def _train_loader(self, start_step: int) -> DataLoader:
         a = self.args
@@ -676,192 +846,112 @@ class Trainer:
                     raise ValueError(f"batch field {k} holds token id {hi if hi >= V else lo} outside the model "
                                      f"vocabulary [0, {V}): data built with another tokenizer?")
 
-    def _set_lr(self, lr: float):
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
     def _loop(self, stopper: StopSignal) -> int:
         a, d = self.args, self.dist
-        accum = a.accumulation_steps
-        model = self.train_model
-        self.model.train()
         it = iter(self._train_loader(self.step))
-        ws = d.world_size
-        dev = self.device
-        # logging window (device tensors: no sync until a log line)
-        win = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
-               "count": torch.zeros((), dtype=torch.float64, device=dev),
-               "aux": torch.zeros((), dtype=torch.float64, device=dev),
-               "tokens": torch.zeros((), dtype=torch.float64, device=dev)}
-        win_metrics: dict[str, torch.Tensor] = {}
-        win_steps, gnorm_last = 0, float("nan")
-        self._load_acc = None
-        t_start = time.time()
-        t_win = t_start
-        steps_at_start = self.step
-        exit_code = 0
+        win, t_start, steps_at_start = Window(self.device), time.time(), self.step
         last_saved = self.step if self.resume_from is not None else -1
         watch = LauncherWatch(d.launcher)
+        self.model.train()
         while self.step < self.total_steps:
-            lr = lr_at(self.step, self.total_steps, a.learning_rate, self.warmup, a.min_lr_ratio)
-            self._set_lr(lr)
-            micro = [next(it) for _ in range(accum)]
-            for b in micro:
-                self._check_ids(b)
-            local_units = float(sum(float(self.task.count_units(b)) for b in micro))
-            units = dist_utils.all_reduce_sum(torch.tensor([local_units], dtype=torch.float64))[0].item()
-            step_loss = torch.zeros((), dtype=torch.float64, device=dev)
-            for i, b in enumerate(micro):
-                b = self.to_device(b)
-                last = i == accum - 1
-                sync_ctx = model.no_sync() if (not last and hasattr(model, "no_sync") and self.engine is None) \
-                    else contextlib.nullcontext()
-                with sync_ctx:
-                    self._aux = []
-                    with self.autocast():
-                        loss_sum, count, metrics = self.task.compute_loss(model, b)
-                    aux = torch.stack([x.float() for x in self._aux]).mean() if self._aux else None
-                    scale = ws / units if units > 0 else 0.0
-                    loss = loss_sum.float() * scale
-                    if aux is not None:
-                        loss = loss + aux / accum
-                    if self.engine is not None:
-                        self.engine.backward(loss * accum)
-                        if not last:
-                            self.engine.step()
-                    elif self.scaler is not None:
-                        self.scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                self._aux = []
-                ls = loss_sum.detach().double()
-                step_loss += ls
-                win["loss"] += ls
-                win["count"] += torch.as_tensor(count, dtype=torch.float64, device=dev)
-                if aux is not None:
-                    win["aux"] += aux.detach().double()
-                am = b.get("attention_mask")
-                win["tokens"] += am.sum().double() if am is not None else float(b["input_ids"].numel())
-                for k, v in (metrics or {}).items():
-                    v = torch.as_tensor(v, dtype=torch.float64, device=dev).detach()
-                    win_metrics[k] = win_metrics[k] + v if k in win_metrics else v.clone()
-            # agree on stop / non-finite loss (one small collective per step)
-            finite = bool(torch.isfinite(step_loss).item())
+            lrs = set_lrs(self.optimizer, self.step, self.total_steps, self.warmup, a.min_lr_ratio,
+                          a.learning_rate, a.muon_lr)
+            step_loss = self._forward_backward([next(it) for _ in range(a.accumulation_steps)], win)
             if not stopper.requested and watch.gone():
                 stopper.request("the deepspeed launcher exited (signal to its PID only)")
-            flags = dist_utils.all_reduce_max(torch.tensor([float(stopper.requested), float(not finite)]))
-            if flags[1] > 0:
+            # one small collective: every rank agrees on a stop signal and on a non-finite loss
+            stop, bad = dist_utils.all_reduce_max(torch.tensor([float(stopper.requested),
+                                                                float(not torch.isfinite(step_loss).item())])) > 0
+            if bad:
                 self.log(f"non-finite loss at step {self.step + 1} (rank-local sum {float(step_loss)}): stopping "
                          f"without an update; the last good checkpoint is kept"
                          + (f" ({ckpt_lib.latest_checkpoint(self.ckpt_root)})" if d.is_main else "")
                          + ". Lower --learning_rate, use float32/bfloat16 or check the data.")
                 return 1
-            # optimizer step
-            if self.engine is not None:
-                self.engine.step()
-                gn = self.engine.get_global_grad_norm()
-                gnorm_last = float(gn) if gn is not None else float("nan")
-            else:
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                clip = a.grad_clip if a.grad_clip and a.grad_clip > 0 else float("inf")
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                gnorm_last = gn
+            grad_norm = self.backend.step()
             if self.is_moe:
                 self.model.update_router_bias()  # every rank; the model all-reduces the load itself
             self.step += 1
-            win_steps += 1
             self.logger.progress(1)
-
             final = self.step >= self.total_steps
-            stop = flags[0] > 0
             if self.step % a.log_interval == 0 or final or stop:
-                rec = self._log_window(win, win_metrics, win_steps, gnorm_last, lr, t_start, t_win, steps_at_start)
-                for v in win.values():
-                    v.zero_()
-                win_metrics = {}
-                win_steps = 0
-                self._load_acc = None
-                t_win = time.time()
-                if not math.isfinite(rec["loss"]):
-                    pass
-            if (a.eval_interval and self.step % a.eval_interval == 0) or final:
-                if self.eval_datasets or type(self.task).extra_eval is not _base_extra_eval():
-                    t0 = time.time()
-                    res = self.evaluate()
-                    if res:
-                        rec = {"step": self.step, "epoch": round(self.step * accum / self.micro_per_epoch, 4), **res}
-                        self.logger.metrics(rec)
-                        self.log(f"eval step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in res.items())
-                                 + f" ({time.time() - t0:.1f}s)")
-                    t_win += time.time() - t0
-            if (a.save_interval and self.step % a.save_interval == 0) or final or stop:
-                if last_saved != self.step:
-                    self.save("final" if final else ("stop signal" if stop else "periodic"))
-                    last_saved = self.step
+                self._log_window(win, grad_norm, lrs, t_start, steps_at_start)
+            if ((a.eval_interval and self.step % a.eval_interval == 0) or final) and self._has_eval():
+                t0 = time.time()
+                self._eval_and_record()
+                win.t0 += time.time() - t0  # evaluation time is not training throughput
+            if ((a.save_interval and self.step % a.save_interval == 0) or final or stop) and last_saved != self.step:
+                self.save("final" if final else ("stop signal" if stop else "periodic"))
+                last_saved = self.step
             if stop and not final:
                 self.log(f"stopped by signal at step {self.step}/{self.total_steps}; resume with --resume")
                 return 0
-        if self.step >= self.total_steps and exit_code == 0:
-            self.log(f"done: {self.step} steps in {fmt_duration(time.time() - t_start)}; "
-                     f"checkpoint {ckpt_lib.latest_checkpoint(self.ckpt_root) if d.is_main else ''}")
-        return exit_code
+        self.log(f"done: {self.step} steps in {fmt_duration(time.time() - t_start)}; "
+                 f"checkpoint {ckpt_lib.latest_checkpoint(self.ckpt_root) if d.is_main else ''}")
+        return 0
 
-    def _log_window(self, win, win_metrics, win_steps, gnorm, lr, t_start, t_win, steps_at_start) -> dict:
-        a = self.args
-        keys = list(win)
-        mkeys = sorted(win_metrics)
-        vec = torch.stack([win[k] for k in keys] + [win_metrics[k] for k in mkeys]).double()
-        vec = dist_utils.all_reduce_sum(vec).cpu()
-        vals = dict(zip(keys + mkeys, vec.tolist()))
-        ws = self.dist.world_size
-        now = time.time()
-        count = vals["count"]
-        done = self.step - steps_at_start
-        rate = done / max(now - t_start, 1e-9)
-        rec = {
-            "step": self.step,
-            "epoch": round(self.step * a.accumulation_steps / self.micro_per_epoch, 4),
-            "loss": vals["loss"] / count if count > 0 else float("nan"),
-            "lr": lr,
-            "tokens_per_s": vals["tokens"] / max(now - t_win, 1e-9),
-            "elapsed_s": round(now - t_start, 3),
-            "eta_s": round((self.total_steps - self.step) / rate, 1) if rate > 0 else None,
-            "grad_norm": float(gnorm),
-        }
-        for k in mkeys:
-            rec[k] = vals[k] / count if count > 0 else float("nan")
+    def _forward_backward(self, micro: list[dict], win: Window) -> torch.Tensor:
+        """Forward and backward of one optimizer step's micro-batches; -> this rank's summed loss."""
+        accum, ws = len(micro), self.dist.world_size
+        for b in micro:
+            self._check_ids(b)
+        local = [sum(float(self.task.count_units(b)) for b in micro),
+                 sum(float(b["attention_mask"].sum()) if "attention_mask" in b else float(b["input_ids"].numel())
+                     for b in micro)]
+        units, tokens = dist_utils.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        self.tokens += int(tokens)
+        win.tokens += int(tokens)
+        scale = ws / units if units > 0 else 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, b in enumerate(micro):
+            last = i == accum - 1
+            with self.backend.micro_context(last):
+                with self.autocast():
+                    loss = self.task.compute_loss(self.train_model, self.to_device(b))
+                objective = loss.sum.float() * scale  # token (pair) mean over the global batch
+                if loss.aux is not None:
+                    objective = objective + loss.aux.float() / accum  # MoE balance loss, mean over micro-batches
+                self.backend.backward(objective, last)
+            win.add(loss, self.model.expert_load() if self.is_moe else None)
+            step_loss += loss.sum.detach().double()
+        return step_loss
+
+    def _log_window(self, win: Window, grad_norm: float, lrs: dict, t_start: float, steps_at_start: int) -> dict:
+        from evaluation.routing import flat_routing_metrics, near_dead_line, routing_stats
+
+        keys, mkeys = list(win.sums), sorted(win.metrics)
+        vec = dist_utils.all_reduce_sum(torch.stack([win.sums[k] for k in keys] + [win.metrics[k] for k in mkeys]))
+        vals = dict(zip(keys + mkeys, vec.double().cpu().tolist()))
+        now, count = time.time(), vals["count"]
+        rate = (self.step - steps_at_start) / max(now - t_start, 1e-9)
+        rec = {"loss": vals["loss"] / count if count > 0 else float("nan"), **lrs,
+               "tokens_per_s": win.tokens / max(now - win.t0, 1e-9), "elapsed_s": round(now - t_start, 3),
+               "eta_s": round((self.total_steps - self.step) / rate, 1) if rate > 0 else None,
+               "grad_norm": float(grad_norm)}
+        rec.update({k: vals[k] / count if count > 0 else float("nan") for k in mkeys})
+        stats = None
         if self.is_moe:
-            rec["moe/balance_loss"] = vals["aux"] / (win_steps * a.accumulation_steps * ws)
-            load = self._load_acc
-            if load is not None:
-                load = dist_utils.all_reduce_sum(load.to(self.device).double()).cpu()
-            rec.update(self._moe_stats(load))
-        self.logger.metrics(rec)
+            rec["moe/balance_loss"] = vals["aux"] / max(vals["n_aux"], 1.0)
+            if win.load is not None:
+                stats = routing_stats(dist_utils.all_reduce_sum(win.load.to(self.device)).cpu(),
+                                      top_k=self.config.num_experts_per_tok)
+                rec.update(flat_routing_metrics(stats))
+        rec = self.record(rec)
         line = (f"{self.task.name} step {self.step}/{self.total_steps} epoch {rec['epoch']:.2f} "
-                f"loss {rec['loss']:.4f} lr {lr:.3e} tok/s {rec['tokens_per_s']:,.0f} "
-                f"grad_norm {rec['grad_norm']:.3f} elapsed {fmt_duration(rec['elapsed_s'])} "
+                f"loss {rec['loss']:.4f} lr {rec['lr']:.3e}"
+                + (f" lr_muon {rec['lr_muon']:.3e}" if "lr_muon" in rec else "")
+                + f" tok/s {rec['tokens_per_s']:,.0f} grad_norm {rec['grad_norm']:.3f} "
+                f"elapsed {fmt_duration(rec['elapsed_s'])} "
                 f"eta {fmt_duration(rec['eta_s'] if rec['eta_s'] is not None else float('nan'))}")
         if self.is_moe:
             line += f" aux {rec['moe/balance_loss']:.4f}"
             if "moe/max_violation" in rec:
                 line += f" max_violation {rec['moe/max_violation']:.3f}"
-        for k in mkeys:
-            line += f" {k} {rec[k]:.4f}"
+            line += near_dead_line(stats)
+        line += "".join(f" {k} {rec[k]:.4f}" for k in mkeys)
         self.log(line)
+        win.reset()
         return rec
-
-
-def _base_extra_eval():
-    from .tasks import Task
-
-    return Task.extra_eval
 
 
 def run(task, argv=None) -> int:

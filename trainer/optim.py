@@ -1,0 +1,172 @@
+"""Optimizers of the shared trainer: AdamW, or Muon for the hidden matrices + AdamW for the rest.
+
+``--optimizer adamw``: one ``torch.optim.AdamW`` (betas 0.9/0.95, eps 1e-8), weight decay on matrices only,
+peak rate ``--learning_rate``.
+
+``--optimizer muon``: ``torch.optim.Muon`` (momentum 0.95, Nesterov, 5 Newton-Schulz steps, its default
+shape-dependent rate adjustment) on every *hidden* weight matrix — attention and FFN projections, and each
+expert's matrices of the 3-D routed-expert tensors ``[E, out, in]`` (orthogonalised expert by expert, exactly
+as E separate 2-D parameters would be) — with peak rate ``--muon_lr`` and decoupled weight decay
+``--weight_decay``; ``torch.optim.AdamW`` as above on the rest: token embeddings (= the tied LM head), an
+untied LM head, norms and the MoE router, with peak rate ``--learning_rate``. :func:`param_groups` puts every
+trainable parameter in exactly one group.
+
+Each group carries its own peak rate (``peak_lr``); the trainer sets ``lr`` of every group before each step
+from the one schedule shape (``trainer.schedule.lr_at``) and that group's peak, so the two optimizers have
+their own rates and schedules, and everything (momenta, peaks) is in ``state_dict`` for an exact resume.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import lr_at
+
+OPTIMIZERS = ("adamw", "muon")
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+MUON_MOMENTUM = 0.95
+
+
+def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
+    """A hidden weight matrix: ≥ 2-D and not the embedding, the LM head or the MoE router."""
+    n = name.lower()
+    return p.ndim >= 2 and not any(k in n for k in ("embed", "lm_head", "router", "wte", "wpe"))
+
+
+def param_groups(model: torch.nn.Module, optimizer: str, *, lr: float, muon_lr: float, weight_decay: float
+                 ) -> list[dict]:
+    """Parameter groups (each trainable parameter in exactly one): ``name``, ``kind`` (``adamw`` | ``muon``),
+    ``peak_lr``, ``weight_decay``, ``params``; empty groups are left out."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():  # tied weights appear once
+        if not p.requires_grad:
+            continue
+        if optimizer == "muon" and is_muon_param(name, p):
+            muon.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"name": "muon", "kind": "muon", "params": muon, "peak_lr": muon_lr, "weight_decay": weight_decay},
+        {"name": "adamw_decay", "kind": "adamw", "params": decay, "peak_lr": lr, "weight_decay": weight_decay},
+        {"name": "adamw_no_decay", "kind": "adamw", "params": no_decay, "peak_lr": lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` that also accepts 3-D stacked expert weights ``[E, out, in]``: each expert's
+    matrix gets its own momentum slice, Newton-Schulz orthogonalisation and rate adjustment (the update of
+    E separate 2-D parameters). 2-D parameters are handled by torch unchanged."""
+
+    def __init__(self, params, **kwargs):
+        flat, stacked = [], []
+        for g in (dict(g) for g in params):
+            if all(p.ndim == 2 for p in g["params"]):
+                flat.append(g)
+                continue
+            two = [p for p in g["params"] if p.ndim == 2]
+            three = [p for p in g["params"] if p.ndim == 3]
+            if len(two) + len(three) != len(g["params"]):
+                raise ValueError("Muon takes 2-D matrices and 3-D stacks of matrices only")
+            if two:
+                flat.append(dict(g, params=two))
+            stacked.append(dict(g, params=three))
+        if not flat:
+            raise ValueError("Muon needs at least one 2-D matrix")
+        super().__init__(flat, **kwargs)  # torch checks that these are 2-D
+        for g in stacked:
+            self.add_param_group(g)
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs) -> bool:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse or torch.is_complex(p):
+                raise RuntimeError("Muon supports dense real parameters only")
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            if p.ndim == 3:  # views: the in-place updates land in the stacked tensors
+                params_with_grad.extend(p.unbind(0))
+                grads.extend(p.grad.unbind(0))
+                muon_momentum_bufs.extend(buf.unbind(0))
+            else:
+                params_with_grad.append(p)
+                grads.append(p.grad)
+                muon_momentum_bufs.append(buf)
+        return False
+
+
+class CombinedOptimizer:
+    """Muon + AdamW stepped as one optimizer (``param_groups``, ``step``, ``zero_grad``, ``state_dict``)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers.values() for p, s in o.state.items()}
+
+    def step(self, closure=None):
+        for o in self.optimizers.values():
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {k: o.state_dict() for k, o in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state holds {sorted(state)}, this run uses {sorted(self.optimizers)} "
+                             "(resume with the same --optimizer)")
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state[k])
+
+
+def build_optimizer(groups: list[dict], device: torch.device):
+    """``torch.optim.AdamW`` for the ``adamw`` groups (+ :class:`Muon` for the ``muon`` groups, combined)."""
+    adam = [g for g in groups if g["kind"] == "adamw"]
+    muon = [g for g in groups if g["kind"] == "muon"]
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    opts = {}
+    if adam:
+        opts["adamw"] = torch.optim.AdamW([dict(g, lr=g["peak_lr"]) for g in adam], lr=adam[0]["peak_lr"],
+                                          betas=ADAM_BETAS, eps=ADAM_EPS, **fused)
+    if muon:
+        opts["muon"] = Muon([dict(g, lr=g["peak_lr"]) for g in muon], lr=muon[0]["peak_lr"],
+                            momentum=MUON_MOMENTUM, nesterov=True)
+    if list(opts) == ["adamw"]:
+        return opts["adamw"]
+    return CombinedOptimizer(opts)
+
+
+def group_peak(group: dict, lr: float, muon_lr: float) -> float:
+    """Peak rate of a group (ours carry ``peak_lr``; DeepSpeed's Muon groups carry ``use_muon``)."""
+    if "peak_lr" in group:
+        return group["peak_lr"]
+    return muon_lr if group.get("use_muon") else lr
+
+
+def set_lrs(optimizer, step: int, total: int, warmup: int, min_ratio: float, lr: float, muon_lr: float
+            ) -> dict[str, float]:
+    """Set every group's rate for optimizer step ``step``; -> ``{"lr": AdamW rate[, "lr_muon": Muon rate]}``."""
+    out = {}
+    for g in optimizer.param_groups:
+        peak = group_peak(g, lr, muon_lr)
+        g["lr"] = lr_at(step, total, peak, warmup, min_ratio)
+        key = "lr_muon" if (g.get("kind") == "muon" or g.get("use_muon")) else "lr"
+        out.setdefault(key, g["lr"])
+    return out
