@@ -7,8 +7,15 @@ Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completi
 One worker thread generates; requests that arrive while a batch runs are batched together into the
 next one (``max_batch_rows`` rows, see ``serving/batching.py``). Errors use the
 OpenAI body ``{"error": {"message", "type", "param", "code"}}``. With ``api_key`` set, every ``/v1``
-call needs ``Authorization: Bearer <key>``. Any ``model`` name is accepted (one model is served) and
-the served name is echoed back.
+call (and the API docs: ``/docs``, ``/redoc``, ``/openapi.json``) needs ``Authorization: Bearer <key>``.
+Any ``model`` name is accepted (one model is served) and the served name is echoed back.
+
+Input never causes a 500: bodies over ``max_body_mb`` get 413 (from ``Content-Length`` before the body
+is read, or while reading a chunked body); malformed or too deeply nested JSON, lone surrogates in
+text, non-finite numbers, out-of-range seeds and over-long prompts (bounded from the character count
+before any tokenisation) get 400, each for that request alone. Message content is encoded as plain
+text (``tokenizer.chat``): ``</s>``/``<s>`` typed in a message cannot open a turn. A client that goes
+away stops its request: streaming or not, its rows are cancelled at the next decoding step.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -24,14 +32,19 @@ from threading import Event
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.generation import SEED_MAX, SEED_MIN
 
 from .batching import DEFAULT_MAX_BATCH_ROWS, Batcher
 from .engine import VALID_ROLES, Engine, Job
 
 MAX_N = 16
 MAX_STOP = 4
+DEFAULT_MAX_BODY_MB = 8.0
+DISCONNECT_POLL_S = 0.05  # how often a waiting non-streaming request checks that its client is still there
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
 class APIError(Exception):
@@ -58,6 +71,8 @@ def _number(body: dict, name: str, default, lo, hi, kind=float, lo_open=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
         raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name,
                        "invalid_type")
+    if not math.isfinite(v):
+        raise APIError(400, f"'{name}' must be a finite number", name, "invalid_value")
     v = kind(v)
     if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
@@ -106,6 +121,8 @@ def parse_chat_request(body, engine: Engine) -> dict:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, "'seed' must be an integer", "seed", "invalid_type")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise APIError(400, f"'seed' must be in [{SEED_MIN}, {SEED_MAX}]", "seed", "invalid_value")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -122,8 +139,21 @@ def parse_chat_request(body, engine: Engine) -> dict:
     so = body.get("stream_options") or {}
     include_usage = bool(isinstance(so, dict) and so.get("include_usage"))
 
-    prompt_ids = engine.encode_chat(msgs)
+    for i, m in enumerate(msgs):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"messages[{i}].content is not valid Unicode text ({e.reason} at character "
+                                f"{e.start})", f"messages[{i}].content", "invalid_value") from None
     ctx = engine.max_context
+    at_least = engine.min_prompt_tokens(msgs)
+    if at_least >= ctx:  # certainly too long: refused without tokenising it
+        raise APIError(400, f"the prompt is at least {at_least} tokens; this model's context is {ctx} tokens",
+                       "messages", "context_length_exceeded")
+    try:
+        prompt_ids = engine.encode_chat(msgs)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"the messages cannot be encoded: {e}", "messages", "invalid_value") from None
     if len(prompt_ids) >= ctx:
         raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {ctx} tokens "
                             "and the answer needs at least one", "messages", "context_length_exceeded")
@@ -142,11 +172,12 @@ def parse_chat_request(body, engine: Engine) -> dict:
 
 def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, model_name: str | None = None,
                *, device: str = "cpu", max_context: int | None = None,
-               max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> FastAPI:
+               max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, max_body_mb: float = DEFAULT_MAX_BODY_MB) -> FastAPI:
     """Build the app. ``model_dir_or_model``: a checkpoint directory, a loaded model or an :class:`Engine`.
 
     ``tokenizer``: a tokenizer object or directory (default: the checkpoint's own, else the project's).
     ``max_batch_rows``: most answers sampled together (a request with ``n`` answers counts ``n``).
+    ``max_body_mb``: the largest request body accepted (413 beyond).
     """
     if isinstance(model_dir_or_model, Engine):
         engine = model_dir_or_model
@@ -166,6 +197,9 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
 
     batcher = Batcher(engine, max_batch_rows)
     created = int(time.time())
+    if not max_body_mb > 0:
+        raise ValueError("max_body_mb must be positive")
+    max_body = int(max_body_mb * 1024 * 1024)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -193,15 +227,8 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
     async def _internal_error(_req, e: Exception):
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            got = request.headers.get("authorization", "")
-            scheme, _, token = got.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return _err(APIError(401, "invalid or missing API key (use 'Authorization: Bearer <key>')",
-                                     code="invalid_api_key", type_="authentication_error"))
-        return await call_next(request)
+    app.add_middleware(_AuthMiddleware, api_key=api_key)
+    app.state.abandoned = []  # (finish reasons) of non-streaming requests whose client went away
 
     def _model_card():
         return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "mateconv",
@@ -223,11 +250,13 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await request.body()
+        raw = await _read_body(request, max_body)
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
         loop = asyncio.get_running_loop()
         args = await loop.run_in_executor(None, parse_chat_request, body, engine)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -236,7 +265,24 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
         gen_kwargs = {k: args[k] for k in ("n", "max_tokens", "temperature", "top_p", "stop", "seed")}
 
         if not args["stream"]:
-            comps = (await asyncio.wrap_future(batcher.submit(Job([args["prompt_ids"]], **gen_kwargs))))[0]
+            cancel = Event()
+            fut = batcher.submit(Job([args["prompt_ids"]], cancel=cancel, **gen_kwargs))
+            waiting = asyncio.wrap_future(fut)
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+                if not waiting.done() and await request.is_disconnected():  # nobody will read the answer
+                    cancel.set()
+                    if not fut.cancel():  # already running: record how it ended
+                        fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else
+                                              app.state.abandoned.append([c.finish_reason for c in f.result()[0]]))
+                    else:
+                        app.state.abandoned.append(["cancelled"] * n)
+                    waiting.cancel()
+                    return Response(status_code=499)
+            try:
+                comps = waiting.result()[0]
+            except ValueError as e:  # this request alone could not run
+                raise APIError(400, str(e)) from None
             ctoks = sum(c.completion_tokens for c in comps)
             return {
                 "id": cid, "object": "chat.completion", "created": now, "model": engine.model_name,
@@ -300,3 +346,52 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 when over ``limit`` bytes: from Content-Length before reading, else
+    while reading (chunked bodies)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise APIError(400, "invalid Content-Length header") from None
+        if declared > limit:
+            raise APIError(413, f"the request body is {declared} bytes; the limit is {limit} bytes (--max_body_mb)",
+                           code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes (--max_body_mb)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _protected(path: str) -> bool:
+    return path.startswith("/v1") or path in DOC_PATHS
+
+
+class _AuthMiddleware:
+    """``Authorization: Bearer <key>`` on ``/v1`` and the API docs (a plain ASGI middleware, so request
+    disconnects still reach the handlers)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.api_key and _protected(scope.get("path", "")):
+            got = ""
+            for k, v in scope.get("headers") or []:
+                if k == b"authorization":
+                    got = v.decode("latin-1")
+                    break
+            scheme, _, token = got.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                response = _err(APIError(401, "invalid or missing API key (use 'Authorization: Bearer <key>')",
+                                         code="invalid_api_key", type_="authentication_error"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
