@@ -195,10 +195,10 @@ def sft_items(path, tokenizer, max_seq_len: int, max_items: int | None = None, s
             for r in recs:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         ds = SFTDataset(str(subset), tokenizer, max_seq_len, on_error="skip")
-    out = []
-    for i in range(len(ds)):
-        it = ds[i]
-        out.append({"input_ids": it["input_ids"], "targets": it["targets"]})
+        out = []
+        for i in range(len(ds)):  # read while the subset (and its token cache) still exists
+            it = ds[i]
+            out.append({"input_ids": it["input_ids"].clone(), "targets": it["targets"].clone()})
     return out
 
 

@@ -42,7 +42,8 @@ given the prompt (:func:`model.losses.sequence_nll`; the prompt is encoded alone
 concatenated, so every option sees the same prompt ids); ``logp_norm`` = ``logp_sum`` / number of
 **characters** of the option (length-normalised, tokenizer-independent, like lm-eval's ``acc_norm`` per
 byte). The model's choice is the arg-max (first on ties); ``correct`` uses ``logp_sum`` (the headline),
-``correct_norm`` uses ``logp_norm``. A prompt too long for the model keeps its end (left-truncated).
+``correct_norm`` uses ``logp_norm``. A prompt too long for the window (``max_len`` tokens, default the
+model's context) keeps its end (left-truncated); an option longer than the window keeps its start.
 
 Summary (:func:`summarize_mc`): per task ``acc`` and ``acc_norm`` with percentile bootstrap 95% CIs over
 items, ``chance`` (mean of 1 / number of options = 0.25), and the centred accuracy
@@ -409,9 +410,9 @@ def score_mc(model, tokenizer, items: list[dict], batch_size: int = 32, device=N
     for i, it in enumerate(items):
         c = _context_ids(tokenizer, it)
         for j, opt in enumerate(it["options"]):
-            o = _ids(tokenizer, opt)
-            seq = (c + o)[-(max_len + 1):]
-            n_ctx = len(seq) - len(o)
+            o = _ids(tokenizer, opt)[:max_len]  # an option longer than the window keeps its start
+            ctx_keep = c[-(max_len + 1 - len(o)):]  # and at least one context token
+            seq, n_ctx = ctx_keep + o, len(ctx_keep)
             tgt = [IGNORE_INDEX] * (n_ctx - 1) + seq[n_ctx:]
             rows.append((i, j, torch.tensor(seq[:-1]), torch.tensor(tgt)))
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][2]))  # similar lengths share a batch

@@ -57,6 +57,13 @@ def make_data(d: Path) -> dict[str, Path]:
                 {"role": "user", "content": f"《{t}》的作者是谁？"}, {"role": "assistant", "content": a}]})
             sft.append({"id": f"{t}-text", "task": "recite", "conversations": [
                 {"role": "user", "content": f"请背诵《{t}》。"}, {"role": "assistant", "content": b}]})
+            first, second = b.split("，")[0], b.split("，")[1].split("。")[0]
+            form = ("五言" if len(first) == 5 else "七言") + "绝句"
+            sft.append({"id": f"{t}-write", "task": "write_poem", "conversations": [
+                {"role": "user", "content": f"请以《{t}》为题，写一首{form}。"},
+                {"role": "assistant", "content": b.replace("。", "。\n", 1)}]})
+            sft.append({"id": f"{t}-next", "task": "continue_line", "answer": second, "conversations": [
+                {"role": "user", "content": f"“{first}”的下一句是什么？"}, {"role": "assistant", "content": second + "。"}]})
         out[f"sft_{split}"] = _write(d / f"sft_{split}.jsonl", sft)
     pairs = [{"q": f"《{t}》的作者是谁？", "history": [], "pos": a, "neg": POEMS[(i + 1) % 6][1]}
              for i, (t, a, _) in enumerate(POEMS[:6])]
@@ -170,7 +177,8 @@ def build_run(run_dir: Path, tok, seeds=(0, 1)) -> Path:
             for stage in ("sft", "dpo"):
                 evaluate_checkpoint(base / stage, out=run_dir / "eval" / f"{arm}_seed{seed}_{stage}.json",
                                     tokenizer=FIXTURE_TOK, split="validation", data_dir=run_dir / "data",
-                                    max_examples=4, max_new_tokens=4, max_seq_len=64, seed=0, n_resamples=500)
+                                    max_examples=8, max_new_tokens=4, max_seq_len=64, seed=0, n_resamples=500,
+                                    mc_items=12, verse_examples_per_task=3, verse_new_tokens=6)
     return run_dir
 
 
@@ -227,9 +235,12 @@ def test_metric_table_matches_eval_files(tiny_run):
                 if em:
                     assert rows[(arm, stage, "exact_match")]["per_seed"][str(s)]["value"] == pytest.approx(
                         sum(em) / len(em))
-                    hits = [x["answer_in_prediction"] for x in g if x["task"] == "author"]
-                    assert hits and rows[(arm, stage, "task_accuracy/author")]["per_seed"][str(s)]["value"] == pytest.approx(
-                        sum(hits) / len(hits))
+                    tasks = {x["task"] for x in g if "answer_in_prediction" in x}
+                    assert tasks
+                    for task in tasks:
+                        hits = [x["answer_in_prediction"] for x in g if x["task"] == task]
+                        assert rows[(arm, stage, f"task_accuracy/{task}")]["per_seed"][str(s)]["value"] == \
+                            pytest.approx(sum(hits) / len(hits))
     assert (("moe", "sft", "router_max_violation") in rows) and (("dense", "sft", "router_max_violation") not in rows)
 
 
