@@ -231,6 +231,10 @@ def build_backends(cfg: PrefsConfig, stats: Stats, env=None):
 
     key = env.get("OPENAI_API_KEY")
     if cfg.generator == "local":
+        if not sys.stderr.isatty():  # no transformers progress bars ("Loading weights") in a log file
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         gen = LocalGenerator(cfg.model_dir, cfg.k_samples, cfg.gen_temperature, cfg.gen_top_p, cfg.gen_max_tokens,
                              batch_size=cfg.local_batch, tokenizer=cfg.tokenizer, device=cfg.device, seed=cfg.seed)
     else:
@@ -333,10 +337,10 @@ def run(cfg: PrefsConfig, prompts: list[Prompt], *, generator=None, judge=None, 
     batches = [pending[i:i + bs] for i in range(0, len(pending), bs)]
     workers = cfg.max_workers if bs == 1 else 1  # a local model samples one batch at a time
     bar = None
-    if cfg.progress:
-        from tqdm import tqdm
+    if cfg.progress:  # a tqdm bar on a terminal, plain periodic lines in a log (nohup, pipes)
+        from dataset.jsonl import Progress
 
-        bar = tqdm(total=len(pending), desc="prompts", unit="prompt", file=sys.stderr, mininterval=1.0)
+        bar = Progress(total=len(pending), desc="prompts", unit="prompt", interval=10.0, stream=sys.stderr)
 
     def tally(results) -> None:
         nonlocal pairs_written

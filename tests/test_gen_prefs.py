@@ -369,3 +369,15 @@ def test_kill_and_rerun_resumes_cleanly(tmp_path):
     assert not failed and written == set(ids)
     assert "torn" not in out.read_text(encoding="utf-8")
     assert "pairs written" in r.stdout
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny_ckpt, tmp_path, capsys):
+    """A ``nohup`` log gets readable lines, not tqdm bars (carriage returns, bar characters)."""
+    write_prompts(tmp_path / "prompts.jsonl", 6)
+    out = tmp_path / "local.jsonl"
+    args = _args(tmp_path / "prompts.jsonl", out, generator="local", model_dir=tiny_ckpt, n_prompts=5,
+                 local_batch=2, progress="true")
+    assert prefs_main(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "█" not in err
+    assert "[prompts] 100.0% 5 prompt" in err
