@@ -195,6 +195,33 @@ def _validate(directory: Path, key: str) -> dict | None:
 
 # --------------------------------------------------------------------------------------------- building
 
+
+def repeat_cached(encode_texts, max_chars: int = 32, max_entries: int = 4096):
+    """``encode_texts`` (``list[str] -> list[ids]``, a pure function of each text) that encodes each
+    distinct text of a call once and remembers short ones across calls: the chat template's pieces
+    (``"\n"``, ``"assistant\n"``, ...) are a third to a half of all texts and are encoded once."""
+    memo: dict = {}
+
+    def encode(texts):
+        out = [None] * len(texts)
+        todo: dict = {}
+        for i, t in enumerate(texts):
+            hit = memo.get(t)
+            if hit is not None:
+                out[i] = hit
+            else:
+                todo.setdefault(t, []).append(i)
+        if todo:
+            keys = list(todo)
+            for t, ids in zip(keys, encode_texts(keys)):
+                for i in todo[t]:
+                    out[i] = ids
+                if len(t) <= max_chars and len(memo) < max_entries:
+                    memo[t] = ids
+        return out
+
+    return encode
+
 _W: dict = {}
 
 

@@ -31,7 +31,7 @@ from model.losses import IGNORE_INDEX
 from tokenizer.chat import ChatEncoder
 
 from .build_bin import batch_encoder
-from .chat_store import open_store
+from .chat_store import open_store, repeat_cached
 from .errors import DataError, Report, check_on_error, missing_file, no_records
 from .prepare import check_conversations, to_canonical_pair
 
@@ -211,7 +211,7 @@ class _ChatDataset(Dataset):
         self.max_seq_len = int(max_seq_len)
         self.on_error = check_on_error(on_error)
         self.too_long = too_long
-        self.encoder = ChatEncoder(tokenizer, template, encode_texts=batch_encoder(tokenizer))
+        self.encoder = ChatEncoder(tokenizer, template, encode_texts=repeat_cached(batch_encoder(tokenizer)))
         self.report = Report(on_error, name=f"{type(self).__name__}({self.path.name})")
         self.store = open_store(self.path, tokenizer, kind=self.kind, template=template, encoder=self.encoder,
                                 parse=self._parse, seq_per_record=self.seq_per_record, loss_on=self.loss_on,
