@@ -4,14 +4,15 @@ Keys ending in ``input_ids`` are padded with ``pad_id`` and get a matching ``att
 (``input_ids`` -> ``attention_mask``, ``chosen_input_ids`` -> ``chosen_attention_mask``); keys ending
 in ``targets`` (or ``labels``) are padded with ``-100``; other tensors with 0; non-tensors are
 gathered into lists. Use ``dataset.datasets.pad_token_id(tokenizer)`` for ``pad_id`` (pad token when
-the tokenizer has one, else eos: padding is masked either way).
+the tokenizer has one, else eos: padding is masked either way). :func:`pad_sequences` is the one
+padding primitive (the collate functions and any caller that pads token ids use it).
 """
 
 from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from model.losses import IGNORE_INDEX
 
 
 def _fill(key: str, pad_id: int) -> int:
@@ -22,7 +23,9 @@ def _fill(key: str, pad_id: int) -> int:
     return 0
 
 
-def _pad(seqs: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
+def pad_sequences(seqs: list[torch.Tensor], length: int | None = None, value: int = 0) -> torch.Tensor:
+    """1-D tensors right-padded with ``value`` to ``length`` (default: the longest) -> ``[len(seqs), length]``."""
+    length = max(len(s) for s in seqs) if length is None else length
     out = torch.full((len(seqs), length), value, dtype=seqs[0].dtype)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
@@ -45,7 +48,7 @@ def _collate(batch: list[dict], pad_id: int, groups: dict[str, str] | None = Non
         if isinstance(vals[0], torch.Tensor) and vals[0].dim() == 1:
             g = groups.get(k, k) if groups else k
             length = lengths[g]
-            out[k] = _pad(vals, length, _fill(k, pad_id))
+            out[k] = pad_sequences(vals, length, _fill(k, pad_id))
             if k.endswith("input_ids"):
                 mk = k[: -len("input_ids")] + "attention_mask"
                 if mk not in batch[0]:

@@ -3,6 +3,9 @@
 Every item is a dict of 1-D ``torch.long`` tensors with *pre-shifted* targets: ``input_ids[t]`` is
 the input at position t and ``targets[t]`` the token to predict there (``-100``: no loss).
 
+- :func:`window_starts` / :func:`window_item`: the one definition of a text window (``max_seq_len + 1``
+  tokens, stride ``max_seq_len``, pre-shifted), used by :class:`PretrainDataset` (a packed ``.bin``)
+  and :class:`TextWindows` / :func:`document_windows` (``{"text"}`` documents, one at a time).
 - :class:`PretrainDataset` memory-maps a stage 3 ``.bin`` (resident memory does not grow with the
   file; the map is opened lazily in each process, so DataLoader workers do not copy data) and
   serves windows of ``max_seq_len + 1`` tokens with stride ``max_seq_len``.
@@ -36,7 +39,8 @@ from .errors import DataError, Report, check_on_error, missing_file, no_records
 from .prepare import check_conversations, to_canonical_pair
 
 __all__ = ["ChatEncoder", "IGNORE_INDEX", "PretrainDataset", "SFTDataset", "PreferenceDataset", "pad_token_id",
-           "read_sidecar", "scan_max_id", "training_dataset", "add_data_args"]
+           "read_sidecar", "scan_max_id", "training_dataset", "add_data_args", "TextWindows", "document_windows",
+           "window_item", "window_starts"]
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a .bin for out-of-range ids
 FULL_SCAN_MAX_TOKENS = 1 << 28  # verify="auto": scan every id of files up to 256M tokens
 
@@ -77,6 +81,66 @@ def scan_max_id(mm: np.ndarray, vocab_size: int, path) -> int:
                             reason="id_out_of_range")
         top = max(top, m)
     return top
+
+
+def window_starts(n_tokens: int, max_seq_len: int, stride: int | None = None, *, partial: bool = False) -> range:
+    """Start positions of the windows of ``max_seq_len + 1`` tokens (stride ``max_seq_len``) over a
+    sequence of ``n_tokens``: full windows only (a packed ``.bin``), or with ``partial`` also a last
+    shorter one, so that every token after the first is predicted exactly once (one document)."""
+    stride = int(stride or max_seq_len)
+    if partial:
+        return range(0, max(n_tokens - 1, 0), stride)
+    return range(0, max(n_tokens - max_seq_len, 0), stride)
+
+
+def window_item(seq, start: int, max_seq_len: int) -> dict:
+    """The pre-shifted item of the window at ``start``: ``input_ids = w[:-1]``, ``targets = w[1:]``."""
+    w = np.array(seq[start:start + max_seq_len + 1], dtype=np.int64)
+    return {"input_ids": torch.from_numpy(w[:-1].copy()), "targets": torch.from_numpy(w[1:].copy())}
+
+
+def document_windows(texts, tokenizer, max_seq_len: int, *, first_only: bool = False) -> list[list[dict]]:
+    """Per text, the items of ``bos text eos`` cut into windows (:func:`window_starts` with ``partial``;
+    no window crosses documents); ``first_only``: only each text's first window. Encoded with the
+    fast batch encoder (the ids of ``tokenizer.encode(text, add_special_tokens=False)``)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    head = [bos] if bos is not None else []
+    out = []
+    for ids in batch_encoder(tokenizer)(list(texts)) if texts else []:
+        seq = np.asarray(head + list(ids) + [eos], dtype=np.int64)
+        starts = window_starts(len(seq), max_seq_len, partial=True)
+        out.append([window_item(seq, s, max_seq_len) for s in (starts[:1] if first_only else starts)])
+    return out
+
+
+class TextWindows(Dataset):
+    """Windows of ``{"text"}`` documents (a JSONL path or a list of texts), each ``bos text eos`` on its
+    own (:func:`document_windows`); the in-memory sibling of :class:`PretrainDataset` for small held-out
+    files. ``limit``: the first ``limit`` windows. Bad lines follow ``on_error`` (located errors)."""
+
+    def __init__(self, texts_or_path, tokenizer, max_seq_len: int, *, first_only: bool = False,
+                 limit: int | None = None, on_error: str = "raise"):
+        if isinstance(texts_or_path, (str, Path)):
+            from .jsonl import iter_jsonl, require
+
+            path, report = Path(texts_or_path), Report(on_error, name=f"TextWindows({Path(texts_or_path).name})")
+            texts = []
+            for line, obj in iter_jsonl(path, report):
+                try:
+                    texts.append(require(obj, "text", str, path, line, nonempty=True))
+                except DataError as e:
+                    report.error(e)
+            self.report = report
+        else:
+            texts, self.report = list(texts_or_path), None
+        self.items = [it for doc in document_windows(texts, tokenizer, max_seq_len, first_only=first_only)
+                      for it in doc][:limit]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
 
 
 class PretrainDataset(Dataset):
@@ -136,8 +200,7 @@ class PretrainDataset(Dataset):
                 scan_max_id(self._map(), self.vocab_size, self.path)
             elif verify not in ("auto", "full", "sidecar"):
                 raise ValueError(f"verify must be auto, full or sidecar, got {verify!r}")
-        self._n = max(0, (self.num_tokens - 1 - self.max_seq_len) // self.stride + 1) \
-            if self.num_tokens > self.max_seq_len else 0
+        self._n = len(window_starts(self.num_tokens, self.max_seq_len, self.stride))
         if self._n == 0:
             raise DataError(f"{self.num_tokens} tokens: too few for one window of {self.max_seq_len + 1}",
                             file=self.path, reason="too_short")
@@ -161,9 +224,7 @@ class PretrainDataset(Dataset):
             i += self._n
         if not 0 <= i < self._n:
             raise IndexError(i)
-        start = i * self.stride
-        w = np.array(self._map()[start:start + self.max_seq_len + 1], dtype=np.int64)
-        return {"input_ids": torch.from_numpy(w[:-1].copy()), "targets": torch.from_numpy(w[1:].copy())}
+        return window_item(self._map(), i * self.stride, self.max_seq_len)
 
 
 # --------------------------------------------------------------------------- chat datasets

@@ -321,3 +321,38 @@ def test_recorded_bad_records_replay_from_the_store(tmp_path, tok):
     with pytest.raises(DataError, match=re.escape(f"{src}:2: malformed JSON")):
         SFTDataset(src, tok, 32)  # from the store's record: the same located error
     assert _store_files(skip) == before
+
+
+# ----------------------------------------------------------------------------- one window, one padding (issue 10)
+
+
+def test_document_windows_cover_every_target_once_and_match_the_bin_windows(tmp_path, tok):
+    from dataset.datasets import TextWindows, document_windows, window_starts
+
+    texts = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "春眠不觉晓"]
+    docs = document_windows(texts, tok, 8)
+    for text, items in zip(texts, docs):
+        seq = [tok.bos_token_id] + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        assert [t for it in items for t in it["targets"].tolist()] == seq[1:]  # each target once, in order
+        assert all(it["input_ids"].tolist() == seq[k * 8:k * 8 + len(it["input_ids"])] for k, it in enumerate(items))
+        assert all(len(it["input_ids"]) == 8 for it in items[:-1])
+    first = document_windows(texts, tok, 8, first_only=True)
+    assert [len(d) for d in first] == [1, 1] and torch.equal(first[0][0]["targets"], docs[0][0]["targets"])
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    assert len(TextWindows(path, tok, 8)) == sum(map(len, docs)) and len(TextWindows(path, tok, 8, limit=2)) == 2
+    # a packed .bin of the same sequence gives the same full windows
+    seq = [tok.bos_token_id] + tok.encode(texts[0], add_special_tokens=False) + [tok.eos_token_id]
+    ds = PretrainDataset(write_bin(tmp_path / "p.bin", seq, tok), 8, tok)
+    assert len(ds) == len(window_starts(len(seq), 8)) == len(seq[:-1]) // 8
+    assert all(torch.equal(ds[i]["input_ids"], docs[0][i]["input_ids"]) for i in range(len(ds)))
+
+
+def test_pad_sequences_is_the_padding_of_the_collate_functions():
+    from dataset.collate import pad_sequences
+    from model.losses import IGNORE_INDEX
+
+    a, b = torch.tensor([5, 6, 7]), torch.tensor([8])
+    assert pad_sequences([a, b], value=3).tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert pad_sequences([b], 4, IGNORE_INDEX).tolist() == [[8, -100, -100, -100]]
+    batch = pad_collate(3)([{"input_ids": a, "targets": a}, {"input_ids": b, "targets": b}])
+    assert batch["targets"].tolist() == pad_sequences([a, b], value=IGNORE_INDEX).tolist()
