@@ -452,37 +452,48 @@ class TextStream:
     """Decodes one row's tokens incrementally; finds stop strings; yields safe-to-emit deltas.
 
     Text is emitted only when final: never an incomplete UTF-8 sequence (U+FFFD) and never a prefix
-    of a stop string that the next tokens could complete."""
+    of a stop string that the next tokens could complete. Decoding is windowed (the two-offset scheme
+    of text-generation-inference): each token decodes only the few ids since the last complete
+    character plus some context, so a long answer costs O(length), and tokenizers that drop a leading
+    space at the start of a decode still get their spaces right."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # final text so far (complete characters)
         self.emitted = 0
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] decode to the context of the pending window
+        self._read = 0
 
-    def _decode(self) -> str:
-        return self.tok.decode(self.ids, skip_special_tokens=True)
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _advance(self) -> None:
+        prefix = self._decode(self.ids[self._prefix:self._read])
+        new = self._decode(self.ids[self._prefix:])
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            self.text += new[len(prefix):]
+            self._prefix, self._read = self._read, len(self.ids)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (delta to emit now, stop string hit)."""
         self.ids.append(token_id)
-        text = self._decode()
+        if self.stopped:
+            return "", True
+        self._advance()
+        text = self.text
         if self.stop:
             start = max(0, self.emitted - max(len(s) for s in self.stop))
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
-                cut = min(hits)
-                self.text = text[:cut]
+                self.text = text[:min(hits)]
                 self.stopped = True
                 delta = self.text[self.emitted:]
                 self.emitted = len(self.text)
                 return delta, True
-        self.text = text
         safe = len(text)
-        while safe > self.emitted and text[safe - 1] == "\ufffd":  # incomplete UTF-8 sequence
-            safe -= 1
         for s in self.stop:  # hold back a possible stop-string prefix
             for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
                 if text[:safe].endswith(s[:k]):
@@ -495,14 +506,18 @@ class TextStream:
     def set_ids(self, ids: Sequence[int]) -> None:
         """All ids at once (no incremental decoding needed)."""
         self.ids = list(ids)
-        self.text = self._decode()
+        self.text = self._decode(self.ids)
+        self._prefix = self._read = len(self.ids)
 
     def finish(self) -> str:
-        """Whatever is left to emit at the end of the row."""
-        final = self.text if self.stopped else self.text.rstrip("\ufffd")
-        delta = final[self.emitted:]
-        self.emitted = len(final)
-        self.text = final
+        """Whatever is left to emit at the end of the row (an unfinished UTF-8 tail is dropped)."""
+        if not self.stopped:
+            prefix = self._decode(self.ids[self._prefix:self._read])
+            new = self._decode(self.ids[self._prefix:])
+            self.text = (self.text + new[len(prefix):]).rstrip("\ufffd")
+            self._prefix = self._read = len(self.ids)
+        delta = self.text[self.emitted:]
+        self.emitted = len(self.text)
         return delta
 
 

@@ -175,3 +175,35 @@ def test_native_export_decodes_through_the_same_loop():
     ours, _ = decode(m, prompts, 15, eos_token_ids=[])
     theirs, _ = decode(native, prompts, 15, eos_token_ids=[])
     assert ours == theirs
+
+
+def test_text_stream_emits_only_complete_characters_and_equals_the_full_decode():
+    from model.generation import TextStream
+    from tokenizer import load_tokenizer
+    from tokenizer.fast_encode import bytes_to_unicode
+
+    text = "春眠不觉晓，处处闻啼鸟。 Hello world — 夜来风雨声\n花落知多少 🌸"
+    for path in (None, FIXTURE_TOKENIZER):
+        tok = load_tokenizer(path)
+        byte_char = bytes_to_unicode()
+        # one token per byte: every multi-byte character arrives in pieces
+        byte_ids = [tok.convert_tokens_to_ids(byte_char[b]) for b in text.encode("utf-8")]
+        for ids in (tok(text, add_special_tokens=False)["input_ids"], byte_ids):
+            ts = TextStream(tok)
+            deltas = [ts.add(t)[0] for t in ids]
+            deltas.append(ts.finish())
+            assert all("\ufffd" not in d for d in deltas)
+            assert "".join(deltas) == ts.text == tok.decode(ids, skip_special_tokens=True) == text
+        # an unfinished character at the end is not text; a stop string split across tokens is found
+        ts = TextStream(tok, stop=["闻啼"])
+        out = []
+        for t in byte_ids:
+            d, hit = ts.add(t)
+            out.append(d)
+            if hit:
+                break
+        out.append(ts.finish())
+        assert "".join(out) == "春眠不觉晓，处处"
+        ts = TextStream(tok)
+        out = [ts.add(t)[0] for t in byte_ids[:-2]] + [ts.finish()]
+        assert "".join(out) == text[:-1]  # the last two bytes of the 4-byte emoji are missing
