@@ -3,10 +3,12 @@
 * Data: a held-out SFT JSONL (``sft_validation.jsonl`` / ``sft_test.jsonl``); a ``train`` split or a
   file named as one is refused (:func:`evaluation.heldout.check_heldout_path`), and when the sibling
   ``*_train.jsonl`` exists, held-out records that also occur in it are left out.
-* Prompt: the conversation without its last assistant message, rendered with the chat template and
-  the generation prompt (``<s>user\\n{q}</s>\\n<s>assistant\\n``), exactly as ``SFTDataset`` renders the
-  prompt side; reference = the last assistant message; ``answer`` (exact tasks) when present.
-* Decoding: greedy, batched with left padding and a KV cache; a sequence stops at the tokenizer's
+* Prompt: the conversation without its last assistant message, encoded by ``tokenizer.chat`` (the one
+  chat encoder, also used by ``SFTDataset``, the server and the preference generator) with the
+  generation prompt (``<s>user\\n{q}</s>\\n<s>assistant\\n``); reference = the last assistant
+  message; ``answer`` (exact tasks) when present.
+* Decoding: greedy through ``model.generation.decode`` (the one decoding loop, also the server's),
+  batched with left padding and a KV cache; a sequence stops at the tokenizer's
   end token (``</s>``, id 2 for our tokenizer; never id 0) or after ``max_new_tokens`` *new* tokens
   (the prompt does not count). The prediction is the decoded text before the end token.
 * Output: one JSON line per example (``id``, ``task``, ``prompt``, ``reference``, ``answer``,
