@@ -126,7 +126,10 @@ class ChatStore:
         self.offsets = np.load(self.dir / "offsets.npy")
         self.first_target = np.load(self.dir / "first_target.npy")
         self.lines = np.load(self.dir / "lines.npy")
-        self._tokens = self._mask = None
+        # mapped now: the maps stay valid if the directory is removed later (a temporary store); a copy
+        # unpickled in a DataLoader worker maps the files again on first use
+        self._tokens = _memmap(self.dir / "tokens.bin", self.dtype)
+        self._mask = _memmap(self.dir / "mask.bin", np.uint8)
 
     @property
     def tokens(self) -> np.ndarray:
