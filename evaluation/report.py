@@ -77,6 +77,7 @@ class Report(ReportTables, ReportFigures):
         if not self.evals:
             self.notes.append("no evaluation files in eval/: the metric table is empty.")
         self.fig_loss_curves()
+        self.fig_bpc_curves()
         self.fig_expert_load(routing)
         self.fig_training_load()
         self.fig_dpo(forg)
@@ -87,17 +88,24 @@ class Report(ReportTables, ReportFigures):
             "sft_file": _get(e, "sft", "data_file"), "sft_items": _get(e, "sft", "n_items"),
             "generation_file": _get(e, "generation", "data_file"), "n_examples": _get(e, "generation", "n_examples"),
             "checkpoint": e.get("checkpoint")} for (a, s, st), e in sorted(self.evals.items())}
-        samples = {}
         for (a, s, st), e in sorted(self.evals.items()):
-            if s == min(self.found["seeds"][a]) and _get(e, "generation", "samples"):
-                samples[f"{a}_seed{s}_{st}"] = [{k: x.get(k) for k in ("id", "task", "prompt", "reference", "prediction",
-                                                                       "stopped_on_eos", "n_new_tokens")}
-                                                for x in e["generation"]["samples"][:3]]
-        return {"run_dir": str(self.run_dir), "arms": self._info, "baseline_arm": baseline, "samples": samples,
-                "training_seeds": self.found["seeds"], "evaluations": eval_meta,
+            eval_meta[f"{a}_seed{s}_{st}"].update({
+                "bpc_pretrain_file": _get(e, "bpc", "pretrain", "data_file"),
+                "bpc_pretrain_texts": _get(e, "bpc", "pretrain", "n_texts"),
+                "bpc_sft_file": _get(e, "bpc", "sft", "data_file"), "bpc_sft_texts": _get(e, "bpc", "sft", "n_texts"),
+                "mc_items": _get(e, "mc", "n_items"), "verse_examples": _get(e, "verse", "n_examples"),
+                "verse_decoding": _get(e, "verse", "decoding")})
+        headline = self.headline(table)
+        floors = self.floors(table)
+        compute = self.compute(baseline)
+        self.fig_headline(headline)
+        return {"run_dir": str(self.run_dir), "arms": self._info, "baseline_arm": baseline,
+                "samples": self.samples(), "training_seeds": self.found["seeds"], "evaluations": eval_meta,
                 "report_bootstrap": {"n_resamples": self.n_resamples, "seed": self.seed},
+                "headline": headline, "floors": floors, "compute": compute,
                 "table": table, "comparisons": comps, "forgetting": forg, "routing": routing,
-                "training": training, "dpo_heldout": dpo_heldout, "flops_token_sources": self.token_sources, "figures": self.figures, "notes": sorted(set(self.notes))}
+                "routing_training": self.routing_training(), "training": training, "dpo_heldout": dpo_heldout,
+                "flops_token_sources": self.token_sources, "figures": self.figures, "notes": sorted(set(self.notes))}
 
 
 def write_report(run_dir, n_resamples: int = 2000, seed: int = 0) -> dict:

@@ -9,6 +9,19 @@ import numpy as np
 from .report_tables import GEN_METRICS, _tokens_axis
 
 
+def _log_axis(ax) -> None:
+    """Log x axis with at most ~6 labelled ticks (1, 2, 5 x 10^k), no minor labels, slanted: no overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=7))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.0e}".replace("e+", "e")))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    for lab in ax.get_xticklabels():
+        lab.set_rotation(30)
+        lab.set_ha("right")
+
+
 class ReportFigures:
     """Figure methods of :class:`evaluation.report.Report` (they read its logs, arms and notes)."""
 
@@ -54,7 +67,7 @@ class ReportFigures:
                 ax.set_title(f"{st}: training (solid) and validation (dashed) loss")
                 ax.set_xlabel("optimizer step" if axis == "step" else "estimated training FLOPs")
                 if axis == "flops":
-                    ax.set_xscale("log")
+                    _log_axis(ax)
                 ax.set_ylabel("cross-entropy (nats/token)")
                 ax.grid(alpha=0.3)
                 if ax.get_legend_handles_labels()[0]:
@@ -71,6 +84,11 @@ class ReportFigures:
     def _x(self, rows, arm, stage, axis):
         if axis == "step":
             return [r.get("step", i) for i, r in enumerate(rows)]
+        logged = [(float(r["step"]), float(r["flops"])) for r in rows if r.get("flops") is not None and "step" in r]
+        if logged:  # the trainer's cumulative FLOPs (tokens x FLOPs/token), interpolated by step
+            xs, ys = zip(*sorted(logged))
+            self.token_sources[f"{arm}/{stage}"] = "logged 'flops'"
+            return [max(float(np.interp(float(r.get("step", xs[-1])), xs, ys)), 1.0) for r in rows]
         tokens, how = _tokens_axis(rows, stage, self.meta)
         fpt = self._info.get(arm, {}).get("flops_per_token")
         if tokens is None or not fpt:
@@ -204,3 +222,71 @@ class ReportFigures:
         self._save(fig, "arm_differences.png", "Differences between arms on the same held-out examples with 95% CIs.")
 
     # ---- build
+
+    def fig_headline(self, headline: dict):
+        """One panel per headline measure: value and 95% CI per arm and stage."""
+        import matplotlib.pyplot as plt
+
+        cols, rows = headline["columns"], headline["rows"]
+        if not cols or not rows:
+            return
+        n = len(cols)
+        ncol = min(5, n)
+        nrow = (n + ncol - 1) // ncol
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.9 * nrow + 0.6), squeeze=False,
+                                 layout="constrained")
+        colors = {a: f"C{i}" for i, a in enumerate(self.found["arms"])}
+        labels = [f"{r['arm']}\n{r['stage']}" for r in rows]
+        for k, metric in enumerate(cols):
+            ax = axes[k // ncol][k % ncol]
+            for i, r in enumerate(rows):
+                v = r["values"].get(metric)
+                if not v or v["mean"] is None:
+                    continue
+                lo, hi = v.get("ci_low"), v.get("ci_high")
+                err = [[v["mean"] - lo], [hi - v["mean"]]] if lo is not None and hi is not None else None
+                ax.errorbar(i, v["mean"], yerr=err, fmt="o", color=colors.get(r["arm"], "k"), capsize=3)
+            if metric == "repetition_rate" and headline.get("reference_repetition_rate"):
+                ax.axhline(headline["reference_repetition_rate"]["mean"], color="k", ls=":", lw=1,
+                           label="reference answers")
+                ax.legend(fontsize=6)
+            if metric.startswith("mc_centred/"):
+                ax.axhline(0, color="k", lw=0.8)  # chance
+            ax.set_xticks(range(len(rows)))
+            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_title(metric, fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+        for k in range(n, nrow * ncol):
+            axes[k // ncol][k % ncol].axis("off")
+        fig.suptitle("Headline measures per arm and stage (95% CI; multiple choice centred: 0 = chance)")
+        self._save(fig, "headline.png", "Headline measures (bits per character, centred multiple-choice accuracy, "
+                                        "form rate, repetition rate) per arm and stage with 95% CIs.")
+
+    def fig_bpc_curves(self):
+        """Validation bits per character logged by the trainer (``<name>/bpc``), by step and by FLOPs."""
+        import matplotlib.pyplot as plt
+
+        keyed = [(k, rows) for k, rows in sorted(self.logs.items())
+                 if any(key.endswith("/bpc") for r in rows for key in r)]
+        if not keyed:
+            return
+        colors = {a: f"C{i}" for i, a in enumerate(self.found["arms"])}
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")
+        for ax, axis in zip(axes, ("step", "flops")):
+            for (arm, seed, stage), rows in keyed:
+                x_all = self._x(rows, arm, stage, axis)
+                if x_all is None:
+                    continue
+                for j, key in enumerate(sorted({k for r in rows for k in r if k.endswith("/bpc")})):
+                    pts = [(x, r[key]) for r, x in zip(rows, x_all) if r.get(key) is not None]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[arm], marker="os^"[j % 3], ms=3,
+                            ls="-" if stage == "pretrain" else "--", label=f"{arm} seed{seed} {stage} {key}")
+            ax.set_xlabel("optimizer step (per stage)" if axis == "step" else "training FLOPs (per stage)")
+            if axis == "flops":
+                _log_axis(ax)
+            ax.set_ylabel("bits per character")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+        fig.suptitle("Held-out bits per character during training (the trainer's fixed validation sample)")
+        self._save(fig, "bpc_curves.png", "Validation bits per character logged by the trainer, by step and by FLOPs.")

@@ -41,7 +41,11 @@ def _verdict(lo, hi, lower_better: bool) -> str:
     return "no clear difference (the interval contains 0)"
 
 
-SUMMARY_METRICS = ("sft_loss", "pretrain_loss", "rouge_l_char", "token_f1_word", "answer_in_prediction")
+# the statements of the summary: the headline measures and the held-out losses (the text-overlap metrics are
+# dominated by answer templates: they are in "All metrics" beside the template-alone score)
+SUMMARY_METRICS = ("bpc_pretrain", "bpc_sft", "mc_acc/next_line", "form_rate", "repetition_rate", "sft_loss",
+                   "pretrain_loss")
+LOWER_IS_BETTER = ("pretrain_loss", "sft_loss", "bpc_pretrain", "bpc_sft", "repetition_rate")
 
 
 def summary_lines(rep: dict) -> list[str]:
@@ -53,20 +57,31 @@ def summary_lines(rep: dict) -> list[str]:
             out.append(f"- Compute: **{arm}** needs {fmt(i['flops_ratio_to_baseline'])} × the training FLOPs per token "
                        f"of **{base}** ({i['flops_per_token']:,} vs {rep['arms'][base]['flops_per_token']:,}; "
                        f"active parameters {i['active_params']:,} vs {rep['arms'][base]['active_params']:,}).")
+    comp = rep.get("compute") or {}
+    for arm, d in (comp.get("by_arm") or {}).items():
+        tot = (d.get("ratio_to_baseline") or {}).get("total") or {}
+        t = tot.get("wall_s") or tot.get("train_s")
+        if arm != base and t is not None and d.get("flops_per_token_ratio") is not None:
+            how = "stage wall time" if tot.get("wall_s") else "training-loop time"
+            out.append(f"- Measured compute: **{arm}** is matched to **{base}** in FLOPs per token "
+                       f"({fmt(d['flops_per_token_ratio'])}×), {fmt(t)}× in measured time ({how}, all stages).")
     for c in rep["comparisons"]:
         if c["metric"] not in SUMMARY_METRICS:
             continue
         est, lo, hi, how = _interval(c["across_seeds"], c["per_seed"])
-        lower = c["metric"].endswith("_loss")
+        lower = c["metric"] in LOWER_IS_BETTER
         out.append(f"- Quality ({c['stage']} checkpoint), {c['arm']} − {c['baseline']} on held-out {c['metric']}: "
                    f"{fmt(est)} [{fmt(lo)}, {fmt(hi)}] ({how}{'; lower is better' if lower else ''}) → "
                    f"**{_verdict(lo, hi, lower)}**.")
     for r in rep["routing"]:
         mv = ", ".join(f"layer {lay['layer']} {fmt(lay['max_violation']['mean'])}" for lay in r["layers"])
         ent = ", ".join(f"{fmt(lay['router_entropy']['mean'])}" for lay in r["layers"])
+        dead = [f"layer {lay['layer']} expert {d['expert']} ({fmt(d['load_fraction'])})"
+                for lay in r["layers"] for d in lay.get("near_dead", [])]
         out.append(f"- Load balance of **{r['arm']}** ({r['stage']} checkpoint, held-out text): max-violation "
-                   f"(0 = perfectly balanced) {mv}; router entropy per layer {ent} nats "
-                   f"(uniform = {fmt(r['router_entropy_max'])}).")
+                   f"(0 = perfectly balanced) {mv}; mean per-token router entropy per layer {ent} nats "
+                   f"(uniform = {fmt(r['router_entropy_max'])}); near-dead experts (load below "
+                   f"{fmt(r.get('near_dead_threshold'))}): " + (", ".join(dead) if dead else "none") + ".")
     for d in rep.get("dpo_heldout", []):
         acc, mar = d.get("reward_accuracy"), d.get("rewards/margins")
         if acc:
@@ -90,6 +105,8 @@ def render_markdown(rep: dict) -> str:
          "this run's files (`arms/*/seed*/*/metrics.jsonl`, `eval/*.json`, `eval/*_generations.jsonl`); "
          "`report.json` holds the same numbers. All evaluation data are held-out splits (never training data).", ""]
     L += ["## Summary", "", *summary_lines(rep), ""]
+    L += headline_section(rep)
+    L += compute_section(rep)
     L += ["## Setup", "", "| arm | MoE | total params | active params/token | FLOPs/token (seq len) | training seeds |",
           "| --- | --- | --- | --- | --- | --- |"]
     for arm, i in rep["arms"].items():
@@ -132,15 +149,22 @@ def render_markdown(rep: dict) -> str:
         E = r["n_routed_experts"]
         L += [f"**{r['arm']}, {r['stage']} checkpoint** (seeds {r['seeds']}; uniform load = {fmt(1.0 / E)}, "
               f"max router entropy = {fmt(r['router_entropy_max'])} nats)", "",
-              "| layer | load fractions per expert | max-violation | router entropy |", "| --- | --- | --- | --- |"]
+              "| layer | load fractions per expert | max-violation | router entropy | near-dead experts |",
+              "| --- | --- | --- | --- | --- |"]
         for lay in r["layers"]:
             mv, ent = lay["max_violation"], lay["router_entropy"]
             mvs = fmt(mv["mean"]) if mv["n_seeds"] == 1 else f"{fmt(mv['mean'])} ± {fmt(mv['std'])}"
             ens = fmt(ent["mean"]) if ent["n_seeds"] == 1 else f"{fmt(ent['mean'])} ± {fmt(ent['std'])}"
-            L.append(f"| {lay['layer']} | {' '.join(fmt(x) for x in lay['load_fraction'])} | {mvs} | {ens} |")
+            dead = ", ".join(str(d["expert"]) for d in lay.get("near_dead", [])) or "none"
+            L.append(f"| {lay['layer']} | {' '.join(fmt(x) for x in lay['load_fraction'])} | {mvs} | {ens} | {dead} |")
         L.append("")
     if not rep["routing"]:
         L += ["No MoE arm was evaluated.", ""]
+    for t in rep.get("routing_training", []):
+        dead = ", ".join(f"layer {d['layer']} expert {d['expert']} ({fmt(d['load_fraction'])})" for d in t["near_dead"])
+        L += [f"Training, last logged window of {t['arm']} seed {t['seed']} {t['stage']} (step {t['step']}): "
+              f"near-dead experts (below {fmt(t['near_dead_threshold'])}): {dead or 'none'}.", ""]
+    L += metric_notes(rep)
     L += ["## All metrics", "",
           "One seed: value [bootstrap 95% CI over held-out examples/items]. Several seeds: mean ± std across seeds "
           "[t 95% CI of the mean].", "",
@@ -155,13 +179,16 @@ def render_markdown(rep: dict) -> str:
         vals = ", ".join(f"{k[len('final_'):]} {fmt(v)}" for k, v in t.items() if k.startswith("final_") and "/" in k)
         L.append(f"| {t['arm']} | {t['seed']} | {t['stage']} | {t['final_step']} | {fmt(t['final_train_loss'])} | "
                  f"{vals or 'n/a'} |")
-    L += ["", "## Generation samples (held-out prompts, greedy)", ""]
+    L += ["", "## Generation samples (held-out prompts, greedy; one per task, and verse-form answers)", ""]
     for name, smp in rep.get("samples", {}).items():
         L.append(f"**{name}**")
         L.append("")
         for x in smp:
             q = x["prompt"].replace("\n", " ⏎ ")[:200]
-            L += [f"- `{x['id']}` ({x['task']}), stopped on end token: {x['stopped_on_eos']}, new tokens: {x['n_new_tokens']}",
+            extra = (f", in form: {x['form_ok']}, degenerate: {x['degenerate']}" if x.get("kind") == "verse"
+                     and x.get("form_ok") is not None else "")
+            L += [f"- `{x['id']}` ({x['task']}{', verse' if x.get('kind') == 'verse' else ''}), stopped on end token: "
+                  f"{x['stopped_on_eos']}, new tokens: {x['n_new_tokens']}{extra}",
                   f"  - prompt: {q}", f"  - reference: {x['reference'][:200]}", f"  - output: {x['prediction'][:200]}"]
         L.append("")
     L += ["", "## Figures", ""]
@@ -176,3 +203,115 @@ def render_markdown(rep: dict) -> str:
     return "\n".join(L)
 
 
+
+
+def _v(v: dict | None) -> str:
+    if not v or v.get("mean") is None:
+        return "n/a"
+    if v.get("ci_low") is None:
+        return fmt(v["mean"])
+    return f"{fmt(v['mean'])} [{fmt(v['ci_low'])}, {fmt(v['ci_high'])}]"
+
+
+HEADLINE_DOC = {
+    "bpc_pretrain": "bits per character of held-out pretraining text (summed NLL / characters / ln 2; lower is better)",
+    "bpc_sft": "bits per character of held-out SFT answers",
+    "mc_centred/next_line": "next line among 4 (multiple choice, centred accuracy: 0 = chance, 1 = perfect)",
+    "mc_centred/author": "author among 4", "mc_centred/title": "title among 4",
+    "mc_centred/form": "form (五言/七言 绝句/律诗) or 词牌 among 4", "mc_centred/cloze": "a missing 2-character span among 4",
+    "form_rate": "write_poem answers in the requested form (half-line length, punctuation, line count)",
+    "line_rate": "continue_line answers of the given line's length",
+    "repetition_rate": "repeated character bigrams in write_poem + continue_line answers (lower is better)",
+}
+
+
+def headline_section(rep: dict) -> list[str]:
+    h = rep.get("headline") or {}
+    cols = h.get("columns") or []
+    if not cols:
+        return []
+    L = ["## Headline: measures that move when a small model learns", "",
+         "Value [95% CI] (one seed: bootstrap over held-out items; several seeds: mean with a t CI over seeds). "
+         "Multiple-choice tasks come from the test split only (`evaluation/mc.py`); verse measures are on greedy "
+         "answers to held-out write_poem / continue_line prompts (`evaluation/verse.py`).", "",
+         "| arm | stage | " + " | ".join(cols) + " |", "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
+    for r in h["rows"]:
+        L.append(f"| {r['arm']} | {r['stage']} | " + " | ".join(_v(r["values"].get(c)) for c in cols) + " |")
+    ref = h.get("reference_repetition_rate")
+    if ref:
+        L += ["", f"Repetition rate of the reference answers of the same prompts (the SFT data itself): {_v(ref)}."]
+    L += ["", *[f"- `{c}`: {HEADLINE_DOC.get(c, c)}" for c in cols], ""]
+    heads = [c for c in rep["comparisons"] if c["metric"] in cols or c["metric"].startswith("mc_acc/")
+             or c["metric"] in ("bpc_pretrain", "bpc_sft")]
+    if heads:
+        L += ["Paired differences on the same held-out items (arm − baseline):", "",
+              "| arm | baseline | stage | measure | difference | per-seed difference [95% CI] | seeds |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+        for c in heads:
+            d, per, n = _diff_text(c)
+            L.append(f"| {c['arm']} | {c['baseline']} | {c['stage']} | {c['metric']} | {d} | {per} | {n} |")
+        L.append("")
+    floors = rep.get("floors") or []
+    if floors:
+        L += ["Floors of the default job (checked on every arm's SFT checkpoint):", "",
+              "| arm | floor | value [95% CI] | threshold | met |", "| --- | --- | --- | --- | --- |"]
+        for f in floors:
+            val = _v({"mean": f["value"], "ci_low": f.get("ci_low"), "ci_high": f.get("ci_high")})
+            met = "n/a" if f["met"] is None else ("yes" if f["met"] else "no")
+            L.append(f"| {f['arm']} | {f['floor']} | {val} | {fmt(f['threshold'])} | {met} |")
+        L.append("")
+    return L
+
+
+def compute_section(rep: dict) -> list[str]:
+    comp = rep.get("compute") or {}
+    if not comp.get("rows"):
+        return []
+    L = ["## Measured compute", "",
+         "Per arm, seed and stage: the training loop's time (`elapsed_s` of metrics.jsonl), the stage's wall time "
+         "(run.json `stage_seconds`, with loading and saving), tokens and FLOPs (cumulative `tokens` / `flops` of "
+         "metrics.jsonl when logged) and tokens/s.", "",
+         "| arm | seed | stage | training s | stage wall s | tokens | tokens/s | FLOPs | tokens from |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in comp["rows"]:
+        L.append(f"| {r['arm']} | {r['seed']} | {r['stage']} | {fmt(r['train_s'])} | {fmt(r['wall_s'])} | "
+                 f"{fmt(r['tokens'])} | {fmt(r['tokens_per_s'])} | {_sci(r['flops'])} | {r['tokens_source'] or 'n/a'} |")
+    L.append("")
+    for arm, d in comp.get("by_arm", {}).items():
+        rat = d.get("ratio_to_baseline") or {}
+        if not rat:
+            continue
+        parts = ", ".join(f"{st} {fmt(v.get('wall_s') or v.get('train_s'))}×" for st, v in rat.items()
+                          if st != "total" and (v.get("wall_s") or v.get("train_s")))
+        L.append(f"- **{arm}** vs **{comp['baseline']}**: FLOPs per token {fmt(d.get('flops_per_token_ratio'))}×; "
+                 f"measured time {parts or 'n/a'}; FLOPs spent {fmt((rat.get('total') or {}).get('flops'))}×.")
+    L.append("")
+    return L
+
+
+def _sci(x) -> str:
+    return "n/a" if x is None else f"{float(x):.3e}"
+
+
+def metric_notes(rep: dict) -> list[str]:
+    """What the text-overlap metrics measure: the template-alone score beside the model's."""
+    rows = {(r["arm"], r["stage"], r["metric"]): r for r in rep["table"]}
+    lines = []
+    for (arm, stage, metric), r in sorted(rows.items()):
+        if not metric.startswith("template_only/"):
+            continue
+        m = metric.split("/", 1)[1]
+        model = rows.get((arm, stage, m))
+        if model is not None:
+            lines.append(f"| {arm} | {stage} | {m} | {fmt(model['mean'])} | {fmt(r['mean'])} |")
+    if not lines:
+        return []
+    return ["## What the text-overlap metrics measure", "",
+            "The score of the answer *template alone* (the reference with its exact answer removed, e.g. "
+            "`这首诗的作者是唐代的。`) against the reference, beside the model's: where the two are close, the metric "
+            "measures the template, not the answer, so these metrics are not headlined. `token_f1_word` (bag of "
+            "words, order ignored) and `rouge_l_word` (longest common subsequence, order kept) differ only when "
+            "shared words come in another order, rare in short template answers; `task_accuracy` is the share of "
+            "exact-answer examples whose answer occurs in the output (`answer_in_prediction` per example, the one "
+            "rule; `exact_match` is the strict equality).", "",
+            "| arm | stage | metric | model | template alone |", "| --- | --- | --- | --- | --- |", *lines, ""]

@@ -46,6 +46,28 @@ def _gen_metric(e, name):
     return _ci(_get(e, "generation", "summary", "metrics", name))
 
 
+def _bpc(e, part):
+    d = _get(e, "bpc", part)
+    return (d["bpc"], d.get("bpc_ci_low"), d.get("bpc_ci_high")) if d else None
+
+
+def _verse(e, task, key, who="model"):
+    return _ci(_get(e, "verse", "tasks", task, who, key))
+
+
+def _template_metric(e, name):
+    v = _get(e, "generation", "template_baseline", "all", name)
+    return (v, None, None) if v is not None else None
+
+
+def _mc_metric(e, task, key):
+    s = _get(e, "mc", "summary", task)
+    if not s:
+        return None
+    field = {"mc_acc": "acc", "mc_acc_norm": "acc_norm", "mc_centred": "centred"}[key]
+    return _ci(s[field])
+
+
 METRICS = [
     ("pretrain_loss", "held-out pretraining loss (nats/token, lower is better)",
      lambda e: (_get(e, "pretrain", "loss"), _get(e, "pretrain", "loss_ci_low"), _get(e, "pretrain", "loss_ci_high"))),
@@ -68,9 +90,40 @@ METRICS = [
      lambda e: (_get(e, "generation", "summary", "stop_rate"), None, None)),
     ("router_max_violation", "MoE max-violation (max/mean load - 1), mean over layers",
      lambda e: (_get(e, "routing", "max_violation_mean"), None, None)),
-    ("router_entropy", "MoE router entropy (nats), mean over layers",
+    ("router_entropy", "MoE mean per-token router entropy (nats), mean over layers (evaluation/routing.py)",
      lambda e: (_get(e, "routing", "router_entropy_mean"), None, None)),
+    ("router_near_dead", "MoE experts below 10% of the uniform load (count over layers)",
+     lambda e: (_get(e, "routing", "n_near_dead"), None, None)),
+    ("bpc_pretrain", "held-out pretraining text, bits per character (lower is better; evaluation/bpc.py)",
+     lambda e: _bpc(e, "pretrain")),
+    ("bpc_sft", "held-out SFT answers, bits per character (lower is better)", lambda e: _bpc(e, "sft")),
+    ("form_rate", "write_poem answers in the requested form (half-line length, punctuation, line count)",
+     lambda e: _verse(e, "write_poem", "form_ok")),
+    ("line_rate", "continue_line answers of the requested line length (5 or 7 characters)",
+     lambda e: _verse(e, "continue_line", "form_ok")),
+    ("repetition_rate", "write_poem + continue_line answers: repeated character bigrams (lower is better)",
+     lambda e: _verse(e, "all", "repetition_rate")),
+    ("reference_repetition_rate", "the same prompts' reference answers: repeated character bigrams (the floor)",
+     lambda e: _verse(e, "all", "repetition_rate", "reference")),
+    ("degenerate_rate", "write_poem + continue_line answers flagged degenerate (loops, repetition)",
+     lambda e: _verse(e, "all", "degenerate")),
+    ("distinct_2", "write_poem + continue_line answers: distinct character bigrams / bigrams",
+     lambda e: _verse(e, "all", "distinct_2")),
+    *[(f"template_only/{m}", f"{m} of the answer template alone (reference minus its exact answer): what a "
+       "template-only answer scores", functools.partial(_template_metric, name=m)) for m in GEN_METRICS],
 ]
+
+# The headline: the measures that move when a small model learns (issue: evaluation that sees it).
+HEADLINE_METRICS = ("bpc_pretrain", "bpc_sft", "mc_centred/next_line", "mc_centred/author", "mc_centred/title",
+                    "mc_centred/form", "mc_centred/cloze", "form_rate", "line_rate", "repetition_rate")
+# Floors of the default job (issue 13), checked on every arm's SFT checkpoint.
+REPETITION_MARGIN = 0.02
+FLOORS = (("bpc_pretrain", "<=", 6.6, "pretraining text at most 6.6 bits/char"),
+          ("form_rate", ">=", 0.5, "at least half of the write_poem answers in the requested form"),
+          ("mc_acc/next_line", "ci_above_chance", None, "next-line multiple choice above chance (CI excludes it)"),
+          ("repetition_rate", "<=reference+", REPETITION_MARGIN,
+           f"repetition rate at most the reference answers' + {REPETITION_MARGIN}"))
+MC_PREFIXES = ("mc_acc", "mc_acc_norm", "mc_centred")
 
 
 def fmt(x) -> str:
@@ -106,7 +159,7 @@ def _stage_name(dirname: str) -> str | None:
 def discover(run_dir: Path) -> dict:
     """Find arms, seeds, training logs and evaluation files in ``run_dir`` (see module doc)."""
     run_dir = Path(run_dir)
-    found = {"logs": {}, "evals": {}, "generations": {}, "configs": {}}
+    found = {"logs": {}, "evals": {}, "generations": {}, "verse": {}, "mc": {}, "configs": {}}
     for p in sorted((run_dir / "arms").glob("*/seed*/*/metrics.jsonl")):
         stage, seed_dir, arm = _stage_name(p.parent.name), p.parent.parent.name, p.parent.parent.parent.name
         m = re.fullmatch(r"seed(\d+)", seed_dir)
@@ -122,9 +175,10 @@ def discover(run_dir: Path) -> dict:
         if m:
             key = (m.group(1), int(m.group(2)), m.group(3))
             found["evals"][key] = p
-            g = p.with_name(p.stem + "_generations.jsonl")
-            if g.is_file():
-                found["generations"][key] = g
+            for kind, suffix in (("generations", "_generations.jsonl"), ("verse", "_verse.jsonl"), ("mc", "_mc.jsonl")):
+                g = p.with_name(p.stem + suffix)
+                if g.is_file():
+                    found[kind][key] = g
     keys = list(found["logs"]) + list(found["evals"])
     found["arms"] = sorted({k[0] for k in keys})
     found["seeds"] = {a: sorted({k[1] for k in keys if k[0] == a}) for a in found["arms"]}
@@ -239,9 +293,15 @@ class ReportTables:
                     continue
                 tasks = sorted({t for s in seeds for t in (_get(self.evals[(arm, s, stage)], "generation", "summary",
                                                                           "task_accuracy") or {}) if t != "all_exact_tasks"})
+                mc_tasks = [t for t in ("next_line", "author", "title", "form", "cloze")
+                            if any(_get(self.evals[(arm, s, stage)], "mc", "summary", t) for s in seeds)]
                 metrics = list(METRICS) + [
                     (f"task_accuracy/{t}", f"task {t}: answer occurs in the output",
-                     functools.partial(_task_metric, task=t)) for t in tasks]
+                     functools.partial(_task_metric, task=t)) for t in tasks] + [
+                    (f"{k}/{t}", {"mc_acc": f"multiple choice {t}: accuracy (sum of option log-probs; chance 0.25)",
+                                  "mc_acc_norm": f"multiple choice {t}: accuracy, per-character normalised scores",
+                                  "mc_centred": f"multiple choice {t}: centred accuracy (acc - chance) / (1 - chance)"}[k],
+                     functools.partial(_mc_metric, task=t, key=k)) for t in mc_tasks for k in MC_PREFIXES]
                 for key, label, getter in metrics:
                     per_seed = {}
                     for s in seeds:
@@ -278,6 +338,40 @@ class ReportTables:
             return None
         return paired_ratio_bootstrap(a["item_nll_sum"], b["item_nll_sum"], a["item_tokens"], self.n_resamples, self.seed)
 
+    def _paired_bpc(self, ea: dict, eb: dict, part: str) -> dict | None:
+        """Paired bootstrap over the same held-out texts of the difference in bits per character."""
+        a, b = _get(ea, "bpc", part), _get(eb, "bpc", part)
+        if not a or not b or "text_nll" not in a or "text_nll" not in b:
+            return None
+        if a["text_chars"] != b["text_chars"]:
+            self.notes.append(f"bpc {part}: the two evaluations are not over the same texts; no paired interval.")
+            return None
+        r = paired_ratio_bootstrap(a["text_nll"], b["text_nll"], a["text_chars"], self.n_resamples, self.seed)
+        ln2 = math.log(2.0)
+        return {**r, **{k: r[k] / ln2 for k in ("diff", "ci_low", "ci_high", "mean_a", "mean_b")}}
+
+    def _paired_items(self, ka, kb, metric: str) -> dict | None:
+        """Paired bootstrap over the items both evaluations scored: multiple choice (``mc_acc/<task>``, from
+        ``*_mc.jsonl``) or verse measures (``form_rate`` / ``line_rate`` / ``repetition_rate``, ``*_verse.jsonl``)."""
+        kind = "mc" if metric.startswith("mc_acc/") else "verse"
+        pa, pb = self.found[kind].get(ka), self.found[kind].get(kb)
+        if pa is None or pb is None:
+            return None
+        ra, rb = _read_jsonl(pa), _read_jsonl(pb)
+        if kind == "mc":
+            task = metric.split("/", 1)[1]
+            va = {x["id"]: x["correct"] for x in ra if x["task"] == task}
+            vb = {x["id"]: x["correct"] for x in rb if x["task"] == task}
+        else:
+            task, field = {"form_rate": ("write_poem", "form_ok"), "line_rate": ("continue_line", "form_ok"),
+                           "repetition_rate": (None, "repetition_rate")}[metric]
+            va, vb = ({x["id"]: float(x["verse"][field]) for x in rs if x.get("verse") and field in x["verse"]
+                       and (task is None or x["task"] == task)} for rs in (ra, rb))
+        ids = sorted(set(va) & set(vb))
+        if not ids:
+            return None
+        return paired_bootstrap([va[i] for i in ids], [vb[i] for i in ids], self.n_resamples, self.seed)
+
     def comparisons(self, baseline: str | None) -> list[dict]:
         out = []
         if baseline is None:
@@ -290,25 +384,33 @@ class ReportTables:
                          if (arm, s, stage) in self.evals and (baseline, s, stage) in self.evals]
                 if not seeds:
                     continue
-                for metric in ("pretrain_loss", "sft_loss", *GEN_METRICS, "answer_in_prediction", "exact_match"):
+                mc_tasks = sorted({t for s in seeds for t in (_get(self.evals[(arm, s, stage)], "mc", "summary") or {})})
+                for metric in ("pretrain_loss", "sft_loss", "bpc_pretrain", "bpc_sft",
+                               *[f"mc_acc/{t}" for t in mc_tasks], "form_rate", "line_rate", "repetition_rate",
+                               *GEN_METRICS, "task_accuracy", "exact_match"):
                     per_seed = {}
                     for s in seeds:
                         ka, kb = (arm, s, stage), (baseline, s, stage)
                         if metric.endswith("_loss"):
                             r = self._paired_loss(self.evals[ka], self.evals[kb], metric[: -len("_loss")])
+                        elif metric.startswith("bpc_"):
+                            r = self._paired_bpc(self.evals[ka], self.evals[kb], metric[len("bpc_"):])
+                        elif metric.startswith("mc_acc/") or metric in ("form_rate", "line_rate", "repetition_rate"):
+                            r = self._paired_items(ka, kb, metric)
                         else:
                             ra, rb = self._gen_records(ka), self._gen_records(kb)
                             if ra is None or rb is None:
                                 continue
-                            da = {x["id"]: x for x in ra if metric in x}
-                            db = {x["id"]: x for x in rb if metric in x}
+                            field = "answer_in_prediction" if metric == "task_accuracy" else metric
+                            da = {x["id"]: x for x in ra if field in x}
+                            db = {x["id"]: x for x in rb if field in x}
                             ids = sorted(set(da) & set(db))
                             if not ids:
                                 continue
                             if set(da) != set(db):
                                 self.notes.append(f"{arm} vs {baseline} {stage} seed {s}: generation files differ in "
                                                   f"examples; compared on the {len(ids)} common ones.")
-                            r = paired_bootstrap([da[i][metric] for i in ids], [db[i][metric] for i in ids],
+                            r = paired_bootstrap([da[i][field] for i in ids], [db[i][field] for i in ids],
                                                  self.n_resamples, self.seed)
                         if r is not None:
                             per_seed[str(s)] = {k: r[k] for k in ("diff", "ci_low", "ci_high", "mean_a", "mean_b", "n")}
@@ -351,14 +453,21 @@ class ReportTables:
                 layers = []
                 for i in range(n_layers):
                     lf = np.mean([r["layers"][i]["load_fraction"] for _, r in stats], axis=0)
+                    thr = 0.1 / len(lf)  # evaluation.routing.NEAR_DEAD_FRACTION of the uniform load
                     layers.append({
                         "layer": i, "load_fraction": [float(x) for x in lf],
+                        "near_dead": [{"expert": int(e), "load_fraction": float(lf[e])} for e in np.flatnonzero(lf < thr)],
                         "max_violation": seed_summary([r["layers"][i]["max_violation"] for _, r in stats]),
                         "router_entropy": seed_summary([r["layers"][i]["router_entropy"] for _, r in stats]),
                     })
+                    if r_load := [r["layers"][i].get("expert_load_entropy") for _, r in stats]:
+                        if all(v is not None for v in r_load):
+                            layers[-1]["expert_load_entropy"] = seed_summary(r_load)
                 out.append({"arm": arm, "stage": stage, "seeds": [s for s, _ in stats], "n_moe_layers": n_layers,
                             "n_routed_experts": stats[0][1]["n_routed_experts"],
                             "router_entropy_max": stats[0][1].get("router_entropy_max"),
+                            "near_dead_threshold": 0.1 / stats[0][1]["n_routed_experts"],
+                            "n_near_dead": sum(len(lay["near_dead"]) for lay in layers),
                             "data_file": _get(self.evals[(arm, stats[0][0], stage)], "pretrain", "data_file"),
                             "layers": layers})
         return out
@@ -395,3 +504,151 @@ class ReportTables:
         return out
 
     # ---- figures
+    # ---- new measures: headline, floors, measured compute, samples
+    def headline(self, table: list[dict]) -> dict:
+        """The headline table: HEADLINE_METRICS per arm and stage (values and CIs are the metric table's)."""
+        rows = {}
+        for r in table:
+            if r["metric"] in HEADLINE_METRICS or r["metric"] == "reference_repetition_rate":
+                rows.setdefault((r["arm"], r["stage"]), {})[r["metric"]] = {
+                    k: r.get(k) for k in ("mean", "ci_low", "ci_high", "n_seeds", "ci_kind")}
+        cols = [m for m in HEADLINE_METRICS if any(m in v for v in rows.values())]
+        return {"columns": cols,
+                "rows": [{"arm": a, "stage": st, "values": {m: v[m] for m in cols if m in v}}
+                         for (a, st), v in sorted(rows.items(), key=lambda kv: (kv[0][0], STAGES.index(kv[0][1])))],
+                "reference_repetition_rate": next((v["reference_repetition_rate"] for v in rows.values()
+                                                   if "reference_repetition_rate" in v), None)}
+
+    def floors(self, table: list[dict], stage: str = "sft") -> list[dict]:
+        """The default job's floors (FLOORS) on every arm's ``stage`` checkpoint, met or not."""
+        rows = {(r["arm"], r["stage"], r["metric"]): r for r in table}
+        out = []
+        for arm in self.found["arms"]:
+            for metric, op, thr, text in FLOORS:
+                r = rows.get((arm, stage, metric))
+                rec = {"arm": arm, "stage": stage, "metric": metric, "floor": text, "op": op, "threshold": thr,
+                       "value": r and r["mean"], "ci_low": r and r.get("ci_low"), "ci_high": r and r.get("ci_high"),
+                       "met": None}
+                if r is None:
+                    out.append(rec)
+                    continue
+                if op == "<=":
+                    rec["met"] = r["mean"] <= thr
+                elif op == ">=":
+                    rec["met"] = r["mean"] >= thr
+                elif op == "ci_above_chance":
+                    task = metric.split("/", 1)[1]
+                    seeds = [s for s in self.found["seeds"][arm] if (arm, s, stage) in self.evals]
+                    chance = _get(self.evals[(arm, seeds[0], stage)], "mc", "summary", task, "chance")
+                    rec["threshold"] = chance
+                    rec["met"] = r.get("ci_low") is not None and chance is not None and r["ci_low"] > chance
+                else:  # "<=reference+": below the reference answers' rate + margin
+                    ref = rows.get((arm, stage, "reference_repetition_rate"))
+                    if ref is not None:
+                        rec["threshold"] = ref["mean"] + thr
+                        rec["reference"] = ref["mean"]
+                        rec["met"] = r["mean"] <= ref["mean"] + thr
+                out.append(rec)
+        return out
+
+    def compute(self, baseline: str | None) -> dict:
+        """Measured compute per arm, seed and stage beside the FLOPs estimate.
+
+        ``train_s``: the trainer's last ``elapsed_s`` (the training loop); ``wall_s``: the stage's wall time
+        measured by the pipeline (``run.json`` ``stage_seconds``: process start to end, with loading and
+        saving); ``tokens`` / ``flops``: the last cumulative ``tokens`` / ``flops`` of ``metrics.jsonl`` when
+        logged (else tokens from the FLOPs axis' source and tokens x FLOPs/token); ``tokens_per_s`` =
+        tokens / train_s. ``by_arm``: sums over stages (mean over seeds) and the ratios to the baseline."""
+        stage_secs = self.meta.get("stage_seconds") or {}
+        rows = []
+        for (arm, seed, stage), log in sorted(self.logs.items()):
+            stepped = [r for r in log if "step" in r]
+            if not stepped:
+                continue
+            el = [r["elapsed_s"] for r in stepped if r.get("elapsed_s") is not None]
+            tok = [r["tokens"] for r in stepped if r.get("tokens") is not None]
+            fl = [r["flops"] for r in stepped if r.get("flops") is not None]
+            fpt = _get(self._info, arm, "flops_per_token")
+            rec = {"arm": arm, "seed": seed, "stage": stage, "train_s": float(el[-1]) if el else None,
+                   "wall_s": stage_secs.get(f"{arm}_seed{seed}_{stage}"),
+                   "tokens": float(tok[-1]) if tok else None, "tokens_source": "logged 'tokens'" if tok else None,
+                   "flops": float(fl[-1]) if fl else None, "flops_source": "logged 'flops'" if fl else None}
+            if rec["tokens"] is None:
+                axis, how = _tokens_axis(log, stage, self.meta)
+                if axis:
+                    rec["tokens"], rec["tokens_source"] = float(axis[-1]), how
+            if rec["flops"] is None and rec["tokens"] is not None and fpt:
+                rec["flops"], rec["flops_source"] = rec["tokens"] * fpt, "tokens x FLOPs/token"
+            rec["tokens_per_s"] = rec["tokens"] / rec["train_s"] if rec["tokens"] and rec["train_s"] else None
+            if any(rec[k] is not None for k in ("train_s", "wall_s", "tokens")):
+                rows.append(rec)
+        by_arm = {}
+        for arm in self.found["arms"]:
+            seeds = sorted({r["seed"] for r in rows if r["arm"] == arm})
+            if not seeds:
+                continue
+            per_stage = {}
+            for stage in STAGES:
+                rs = [r for r in rows if r["arm"] == arm and r["stage"] == stage]
+                if rs:
+                    per_stage[stage] = {k: (float(np.mean([r[k] for r in rs])) if all(r[k] is not None for r in rs)
+                                            else None) for k in ("train_s", "wall_s", "tokens", "flops", "tokens_per_s")}
+            by_arm[arm] = {"seeds": seeds, "stages": per_stage}
+        base = by_arm.get(baseline or "")
+        keys = ("train_s", "wall_s", "tokens", "flops")
+        for d in by_arm.values():  # totals over the stages both this arm and the baseline measured
+            common = {k: [st for st in d["stages"] if base and st in base["stages"] and d["stages"][st][k] is not None
+                          and base["stages"][st][k] is not None] for k in keys}
+            d["total"] = {k: sum(d["stages"][st][k] for st in common[k]) if common[k] else None for k in keys}
+            d["total_stages"] = common
+        for arm, d in by_arm.items():
+            ratio = {}
+            if base and arm != baseline:
+                for stage, v in d["stages"].items():
+                    b = base["stages"].get(stage)
+                    if b:
+                        ratio[stage] = {k: v[k] / b[k] if v[k] and b[k] else None for k in ("train_s", "wall_s", "flops")}
+                btot = {k: sum(base["stages"][st][k] for st in d["total_stages"][k]) if d["total_stages"][k] else None
+                        for k in keys}
+                ratio["total"] = {k: d["total"][k] / btot[k] if d["total"][k] and btot[k] else None
+                                  for k in ("train_s", "wall_s", "flops")}
+            d["ratio_to_baseline"] = ratio
+            d["flops_per_token_ratio"] = _get(self._info, arm, "flops_ratio_to_baseline")
+        return {"rows": rows, "by_arm": by_arm, "baseline": baseline}
+
+    def routing_training(self) -> list[dict]:
+        """Near-dead experts in the last logged training window (``moe/layer{l}/expert{e}_load``)."""
+        pat = re.compile(r"moe/layer(\d+)/expert(\d+)_load$")
+        out = []
+        for (arm, seed, stage), rows in sorted(self.logs.items()):
+            last = next((r for r in reversed(rows) if any(pat.match(k) for k in r)), None)
+            if last is None:
+                continue
+            loads: dict[int, dict[int, float]] = {}
+            for k, v in last.items():
+                m = pat.match(k)
+                if m:
+                    loads.setdefault(int(m.group(1)), {})[int(m.group(2))] = float(v)
+            n_exp = 1 + max(e for d in loads.values() for e in d)
+            dead = [{"layer": la, "expert": e, "load_fraction": f} for la, d in sorted(loads.items())
+                    for e, f in sorted(d.items()) if f < 0.1 / n_exp]
+            out.append({"arm": arm, "seed": seed, "stage": stage, "step": last.get("step"), "n_routed_experts": n_exp,
+                        "near_dead_threshold": 0.1 / n_exp, "near_dead": dead})
+        return out
+
+    def samples(self) -> dict:
+        """Per evaluation (first seed of each arm): one generation per task and two verse answers per task."""
+        keep = ("id", "task", "prompt", "reference", "prediction", "stopped_on_eos", "n_new_tokens")
+        out = {}
+        for (a, s, st), e in sorted(self.evals.items()):
+            if s != min(self.found["seeds"][a]):
+                continue
+            smp = _get(e, "generation", "samples_by_task") or _get(e, "generation", "samples") or []
+            verse = _get(e, "verse", "samples_by_task") or []
+            rows = [{k: x.get(k) for k in keep} for x in smp]
+            for x in verse:
+                rows.append({**{k: x.get(k) for k in keep}, "kind": "verse",
+                             "form_ok": _get(x, "verse", "form_ok"), "degenerate": _get(x, "verse", "degenerate")})
+            if rows:
+                out[f"{a}_seed{s}_{st}"] = rows
+        return out

@@ -342,7 +342,11 @@ def test_markdown_numbers_equal_report_json(tiny_run):
               (lay["max_violation"]["mean"], lay["router_entropy"]["mean"])}
     known |= {round(r["router_entropy_max"], 4) for r in rep["routing"]}
     known.add(round(rep["arms"]["moe"]["flops_ratio_to_baseline"], 4))
-    summary = md.split("## Summary")[1].split("## Setup")[0]
+    known |= {round(v, 4) for d in rep["compute"]["by_arm"].values() for r in d["ratio_to_baseline"].values()
+              for v in r.values() if v is not None}
+    known |= {round(d["load_fraction"], 4) for r in rep["routing"] for lay in r["layers"] for d in lay["near_dead"]}
+    known |= {round(r["near_dead_threshold"], 4) for r in rep["routing"]}
+    summary = md.split("## Summary")[1].split("\n## ")[0]
     printed = [float(x) for x in _NUM.findall(summary)]
     assert len(printed) > 20
     assert all(any(abs(x - k) <= 1.01e-4 for k in known) for x in printed)
@@ -395,4 +399,4 @@ def test_single_seed_report_uses_bootstrap_intervals(tiny_run, tmp_path):
     a, b = _eval(one, "moe", 0, "sft")["sft"], _eval(one, "dense", 0, "sft")["sft"]
     r = paired_ratio_bootstrap(a["item_nll_sum"], b["item_nll_sum"], a["item_tokens"], 300, 0)
     assert (c["per_seed"]["0"]["ci_low"], c["per_seed"]["0"]["ci_high"]) == pytest.approx((r["ci_low"], r["ci_high"]))
-    assert "paired bootstrap 95% CI, 1 seed" in md.split("## Summary")[1].split("## Setup")[0]
+    assert "paired bootstrap 95% CI, 1 seed" in md.split("## Summary")[1].split("\n## ")[0]
