@@ -702,9 +702,10 @@ def stream_text(model, tokenizer, prompt: str | Sequence[int], *, max_new_tokens
         generator = make_generator(seed, device)
     state = state if state is not None else DecodeState(1)
     text = TextStream(tokenizer, stop)
+    pad = kwargs.pop("pad_token_id", None)
+    pad = pad if pad is not None else pad_id_for(model, tokenizer, sorted(eos_set))
     for events in iter_decode(model, [ids], max_new_tokens, Sampling(temp, top_p, generator), eos_token_ids=eos,
-                              pad_token_id=pad_id_for(model, tokenizer, sorted(eos_set)), cancel=cancel, state=state,
-                              **kwargs):
+                              pad_token_id=pad, cancel=cancel, state=state, **kwargs):
         for _, t in events:
             if t in eos_set:
                 continue

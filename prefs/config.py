@@ -119,7 +119,7 @@ ENV: dict[str, tuple[tuple[str, ...], str]] = {
     "backoff_base": (("BACKOFF_BASE",), "first backoff in seconds (doubles, with jitter)"),
     "backoff_cap": (("BACKOFF_CAP",), "backoff cap for 5xx / timeouts / connection errors"),
     "backoff_cap_429": (("BACKOFF_CAP_429",), "backoff cap for 429 without Retry-After"),
-    "progress": (("PROGRESS",), "show a progress bar"),
+    "progress": (("PROGRESS",), "show progress (a bar on a terminal, plain lines in a log)"),
     "fsync": (("FSYNC",), "fsync the output after each prompt"),
 }
 

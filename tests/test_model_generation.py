@@ -207,3 +207,19 @@ def test_text_stream_emits_only_complete_characters_and_equals_the_full_decode()
         ts = TextStream(tok)
         out = [ts.add(t)[0] for t in byte_ids[:-2]] + [ts.finish()]
         assert "".join(out) == text[:-1]  # the last two bytes of the 4-byte emoji are missing
+
+
+def test_stream_text_is_the_same_loop_as_requests():
+    from model.generation import Request, generate_requests
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    m = make(dict(DENSE, vocab_size=len(tok)))
+    ids = [tok.bos_token_id] + tok("user\n你好", add_special_tokens=False)["input_ids"]
+    got = "".join(stream_text(m, tok, ids, max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3))
+    want = generate_requests(m, tok, [Request([ids], max_tokens=16, temperature=0.8, top_p=0.9, seed=3)])
+    assert got == want[0][0][0].text and len(want[0][0][0].token_ids) > 3
+    stop = want[0][0][0].text[2:4]
+    assert len(stop) == 2
+    cut = "".join(stream_text(m, tok, ids, max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3, stop=[stop]))
+    assert cut == want[0][0][0].text[:want[0][0][0].text.find(stop)]
