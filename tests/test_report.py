@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from evaluation import report as report_mod
 from evaluation.evaluate import evaluate_checkpoint
 from evaluation.heldout import items_loss, pretrain_items
 from evaluation.metrics import paired_bootstrap, paired_ratio_bootstrap, seed_summary
+from evaluation.report import fmt
 from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +135,10 @@ def build_run(run_dir: Path, tok, seeds=(0, 1)) -> Path:
                 _ce_steps(model, items, 2, rows, 0)
                 val = pre_val if stage == "pretrain" else sft_val
                 rows.append({"step": 2, "epoch": 2, "val/loss": items_loss(model, val, 8)["loss"]})
+                if stage == "pretrain":  # the trainer's cumulative FLOPs (sft: the report falls back to tokens)
+                    for r in rows:
+                        if "tokens" in r:
+                            r["flops"] = r["tokens"] * 1000.0
                 (base / stage).mkdir(parents=True, exist_ok=True)
                 _write(base / stage / "metrics.jsonl", rows)
             model.save_pretrained(base / "sft")
@@ -400,3 +406,102 @@ def test_single_seed_report_uses_bootstrap_intervals(tiny_run, tmp_path):
     r = paired_ratio_bootstrap(a["item_nll_sum"], b["item_nll_sum"], a["item_tokens"], 300, 0)
     assert (c["per_seed"]["0"]["ci_low"], c["per_seed"]["0"]["ci_high"]) == pytest.approx((r["ci_low"], r["ci_high"]))
     assert "paired bootstrap 95% CI, 1 seed" in md.split("## Summary")[1].split("\n## ")[0]
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def test_headline_numbers_equal_their_files(tiny_run):
+    run_dir, rep = tiny_run
+    rows = {(r["arm"], r["stage"], r["metric"]): r for r in rep["table"]}
+    for arm in ("dense", "moe"):
+        for stage in ("sft", "dpo"):
+            for s in (0, 1):
+                ev = _eval(run_dir, arm, s, stage)
+                def val(m, arm=arm, stage=stage, s=s):
+                    return rows[(arm, stage, m)]["per_seed"][str(s)]["value"]
+
+                for part in ("pretrain", "sft"):  # bpc = summed NLL / characters / ln 2 over the sample's texts
+                    b = ev["bpc"][part]
+                    assert b["bpc"] == pytest.approx(sum(b["text_nll"]) / sum(b["text_chars"]) / math.log(2))
+                    assert val(f"bpc_{part}") == b["bpc"] and b["n_texts"] == len(b["text_chars"])
+                mc = _jsonl(run_dir / "eval" / f"{arm}_seed{s}_{stage}_mc.jsonl")
+                assert {r["id"] for r in mc} == {it["id"] for it in mc}  # one record per item
+                for task in {r["task"] for r in mc}:
+                    acc = np.mean([r["correct"] for r in mc if r["task"] == task])
+                    assert val(f"mc_acc/{task}") == pytest.approx(acc)
+                    assert val(f"mc_centred/{task}") == pytest.approx((acc - 0.25) / 0.75)
+                verse = _jsonl(run_dir / "eval" / f"{arm}_seed{s}_{stage}_verse.jsonl")
+                wp = [r["verse"]["form_ok"] for r in verse if r["task"] == "write_poem" and "form_ok" in r["verse"]]
+                assert wp and val("form_rate") == pytest.approx(np.mean(wp))
+                assert val("repetition_rate") == pytest.approx(np.mean([r["verse"]["repetition_rate"] for r in verse]))
+                assert val("reference_repetition_rate") == pytest.approx(
+                    np.mean([r["verse_reference"]["repetition_rate"] for r in verse]))
+    head = {(r["arm"], r["stage"]): r["values"] for r in rep["headline"]["rows"]}
+    assert set(rep["headline"]["columns"]) >= {"bpc_pretrain", "mc_centred/next_line", "form_rate", "repetition_rate"}
+    for (arm, stage), values in head.items():
+        for m, v in values.items():
+            assert v["mean"] == rows[(arm, stage, m)]["mean"] and v["ci_low"] == rows[(arm, stage, m)]["ci_low"]
+    for f in rep["floors"]:
+        r = rows[(f["arm"], "sft", f["metric"])]
+        assert f["value"] == r["mean"] and isinstance(f["met"], bool)
+        if f["op"] == "<=":
+            assert f["met"] == (r["mean"] <= f["threshold"])
+    # the markdown's headline table prints report.json's headline numbers
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    sec = md.split("## Headline")[1].split("Repetition rate of the reference")[0]
+    cols = rep["headline"]["columns"]
+    for line in sec.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 + len(cols) and (cells[0], cells[1]) in head:
+            for c, cell in zip(cols, cells[2:]):
+                v = head[(cells[0], cells[1])][c]
+                nums = [float(x) for x in _NUM.findall(cell)]
+                assert nums == pytest.approx([v["mean"], v["ci_low"], v["ci_high"]], abs=1e-4)
+
+
+def test_new_paired_comparisons_recomputed(tiny_run):
+    run_dir, rep = tiny_run
+    comp = {(c["arm"], c["stage"], c["metric"]): c for c in rep["comparisons"]}
+    for s in (0, 1):
+        a, b = _eval(run_dir, "moe", s, "sft")["bpc"]["pretrain"], _eval(run_dir, "dense", s, "sft")["bpc"]["pretrain"]
+        assert a["text_chars"] == b["text_chars"]  # the same fixed sample in both arms
+        diff = (sum(a["text_nll"]) - sum(b["text_nll"])) / sum(a["text_chars"]) / math.log(2)
+        assert comp[("moe", "sft", "bpc_pretrain")]["per_seed"][str(s)]["diff"] == pytest.approx(diff)
+        ma = {r["id"]: r["correct"] for r in _jsonl(run_dir / "eval" / f"moe_seed{s}_sft_mc.jsonl") if r["task"] == "cloze"}
+        mb = {r["id"]: r["correct"] for r in _jsonl(run_dir / "eval" / f"dense_seed{s}_sft_mc.jsonl") if r["task"] == "cloze"}
+        assert set(ma) == set(mb)
+        r = paired_bootstrap([ma[i] for i in sorted(ma)], [mb[i] for i in sorted(ma)], 500, 0)
+        c = comp[("moe", "sft", "mc_acc/cloze")]["per_seed"][str(s)]
+        assert (c["diff"], c["ci_low"], c["ci_high"]) == pytest.approx((r["diff"], r["ci_low"], r["ci_high"]))
+
+
+def test_compute_and_routing_health_match_their_files(tiny_run):
+    run_dir, rep = tiny_run
+    rows = {(r["arm"], r["seed"], r["stage"]): r for r in rep["compute"]["rows"]}
+    for arm in ("dense", "moe"):
+        fpt = rep["arms"][arm]["flops_per_token"]
+        for s in (0, 1):
+            for stage in ("pretrain", "sft"):
+                log = _jsonl(run_dir / "arms" / arm / f"seed{s}" / stage / "metrics.jsonl")
+                r = rows[(arm, s, stage)]
+                last_t = [x for x in log if "tokens" in x][-1]
+                assert r["train_s"] == [x for x in log if "elapsed_s" in x][-1]["elapsed_s"]
+                assert r["tokens"] == last_t["tokens"] and r["tokens_source"] == "logged 'tokens'"
+                assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["train_s"])
+                if stage == "pretrain":
+                    assert r["flops"] == last_t["flops"] and r["flops_source"] == "logged 'flops'"
+                else:
+                    assert r["flops"] == pytest.approx(r["tokens"] * fpt) and r["flops_source"] == "tokens x FLOPs/token"
+    moe = rep["compute"]["by_arm"]["moe"]
+    dense = rep["compute"]["by_arm"]["dense"]
+    assert moe["ratio_to_baseline"]["pretrain"]["train_s"] == pytest.approx(
+        moe["stages"]["pretrain"]["train_s"] / dense["stages"]["pretrain"]["train_s"])
+    assert moe["stages"]["sft"]["train_s"] == pytest.approx(np.mean([rows[("moe", s, "sft")]["train_s"] for s in (0, 1)]))
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert f"{fmt(moe['ratio_to_baseline']['total']['train_s'])}× in measured time" in md
+    for r in rep["routing"]:
+        E = r["n_routed_experts"]
+        for lay in r["layers"]:
+            assert [d["expert"] for d in lay["near_dead"]] == [e for e, f in enumerate(lay["load_fraction"]) if f < 0.1 / E]
