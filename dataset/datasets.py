@@ -22,6 +22,7 @@ tokens are exactly those the model has to generate.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -116,25 +117,48 @@ def document_windows(texts, tokenizer, max_seq_len: int, *, first_only: bool = F
 class TextWindows(Dataset):
     """Windows of ``{"text"}`` documents (a JSONL path or a list of texts), each ``bos text eos`` on its
     own (:func:`document_windows`); the in-memory sibling of :class:`PretrainDataset` for small held-out
-    files. ``limit``: the first ``limit`` windows. Bad lines follow ``on_error`` (located errors)."""
+    files. ``limit``: the first ``limit`` windows (reading stops there). Bad lines follow ``on_error``
+    (located errors; ``summary`` counts them)."""
+
+    _CHUNK = 256
 
     def __init__(self, texts_or_path, tokenizer, max_seq_len: int, *, first_only: bool = False,
                  limit: int | None = None, on_error: str = "raise"):
-        if isinstance(texts_or_path, (str, Path)):
-            from .jsonl import iter_jsonl, require
+        from .jsonl import iter_jsonl, require
 
-            path, report = Path(texts_or_path), Report(on_error, name=f"TextWindows({Path(texts_or_path).name})")
-            texts = []
-            for line, obj in iter_jsonl(path, report):
+        name = Path(texts_or_path).name if isinstance(texts_or_path, (str, Path)) else "texts"
+        self.report = Report(on_error, name=f"TextWindows({name})")
+        self.items: list[dict] = []
+
+        def texts():
+            if not isinstance(texts_or_path, (str, Path)):
+                yield from texts_or_path
+                return
+            path = Path(texts_or_path)
+            for line, obj in iter_jsonl(path, self.report):
                 try:
-                    texts.append(require(obj, "text", str, path, line, nonempty=True))
+                    yield require(obj, "text", str, path, line, nonempty=True)
                 except DataError as e:
-                    report.error(e)
-            self.report = report
-        else:
-            texts, self.report = list(texts_or_path), None
-        self.items = [it for doc in document_windows(texts, tokenizer, max_seq_len, first_only=first_only)
-                      for it in doc][:limit]
+                    self.report.error(e)
+
+        chunk = []
+        for text in itertools.chain(texts(), [None]):
+            if text is not None:
+                chunk.append(text)
+                self.report.keep()
+                if len(chunk) < self._CHUNK:
+                    continue
+            for doc in document_windows(chunk, tokenizer, max_seq_len, first_only=first_only):
+                self.items.extend(doc)
+            chunk = []
+            if limit is not None and len(self.items) >= limit:
+                break
+        if limit is not None:
+            del self.items[limit:]
+
+    @property
+    def summary(self) -> dict:
+        return self.report.to_dict()
 
     def __len__(self) -> int:
         return len(self.items)

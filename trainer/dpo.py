@@ -383,34 +383,10 @@ def default_path(*candidates) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-class _TextDocs(torch.utils.data.Dataset):
-    """``{"text"}`` JSONL -> ``bos text eos`` windows (first ``max_seq_len + 1`` tokens), pre-shifted."""
-
-    def __init__(self, path, tokenizer, max_seq_len: int, limit: int | None = None):
-        from dataset.jsonl import iter_jsonl
-
-        self.items = []
-        for _, obj in iter_jsonl(path):
-            text = obj.get("text")
-            if not isinstance(text, str) or not text:
-                continue
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            w = torch.tensor([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id][: max_seq_len + 1])
-            self.items.append({"input_ids": w[:-1], "targets": w[1:]})
-            if limit is not None and len(self.items) >= limit:
-                break
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def build_probe_datasets(args, tokenizer) -> dict[str, torch.utils.data.Dataset]:
     """Held-out pretraining text and SFT answers for the forgetting probe (missing files are skipped
     with a note; a path given explicitly must exist)."""
-    from dataset.datasets import PretrainDataset, SFTDataset
+    from dataset.datasets import PretrainDataset, SFTDataset, TextWindows
 
     out = {}
     n = args.probe_samples
@@ -421,7 +397,8 @@ def build_probe_datasets(args, tokenizer) -> dict[str, torch.utils.data.Dataset]
             ds = PretrainDataset(p, args.max_seq_len, tokenizer)
             out["pretrain"] = torch.utils.data.Subset(ds, range(min(n, len(ds))))
         elif p.is_file():
-            out["pretrain"] = _TextDocs(p, tokenizer, args.max_seq_len, limit=n)
+            # the first window of each document (dataset.datasets: the one text-window definition)
+            out["pretrain"] = TextWindows(p, tokenizer, args.max_seq_len, first_only=True, limit=n, on_error="skip")
         elif args.probe_pretrain_path_explicit:
             raise FileNotFoundError(f"--probe_pretrain_path {pre} not found")
     sft = args.probe_sft_path
