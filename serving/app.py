@@ -68,11 +68,15 @@ def _number(body: dict, name: str, default, lo, hi, kind=float, lo_open=False):
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name,
                        "invalid_type")
-    if not math.isfinite(v):
+    if isinstance(v, float) and not math.isfinite(v):
         raise APIError(400, f"'{name}' must be a finite number", name, "invalid_value")
+    if kind is int and isinstance(v, float) and not v.is_integer():
+        raise APIError(400, f"'{name}' must be an integer", name, "invalid_type")
+    if kind is float and isinstance(v, int) and abs(v) > 2**53:  # no such temperature / top_p; keeps float() safe
+        raise APIError(400, f"'{name}' = {v} is out of range", name, "invalid_value")
     v = kind(v)
     if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
@@ -253,7 +257,7 @@ def create_app(model_dir_or_model, tokenizer=None, api_key: str | None = None, m
         raw = await _read_body(request, max_body)
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None

@@ -266,6 +266,14 @@ def test_bad_input_is_4xx_and_keeps_the_connection(server):
         (b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "finite"),
         (b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', "seed"),
         (b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "seed": -9223372036854775809}', "seed"),
+        (b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 400 + b"}",
+         "max_tokens"),
+        (b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": 1' + b"0" * 400 + b"}",
+         "temperature"),
+        (b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "n": 1e400}', "'n'"),
+        (b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "seed": 1' + b"0" * 5000 + b"}",
+         "not valid JSON"),
+        (b'{"model": "x", "messages": [{"role\ud800": "user", "content": "hi"}], "stop": ["\udfff"]}', "role"),
     ]
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
     try:
