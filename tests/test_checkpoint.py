@@ -19,6 +19,7 @@ from model.integrity import CHECKSUM_FILE, DamagedWeightsError, sha256_file
 from trainer.checkpoint import resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real training runs in subprocesses
 
 
 def sft(*args, timeout=300):

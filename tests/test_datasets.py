@@ -356,3 +356,30 @@ def test_pad_sequences_is_the_padding_of_the_collate_functions():
     assert pad_sequences([b], 4, IGNORE_INDEX).tolist() == [[8, -100, -100, -100]]
     batch = pad_collate(3)([{"input_ids": a, "targets": a}, {"input_ids": b, "targets": b}])
     assert batch["targets"].tolist() == pad_sequences([a, b], value=IGNORE_INDEX).tolist()
+
+
+def _open_in_child(path, q):
+    tok = load_tokenizer(FIXTURE)
+    ds = SFTDataset(path, tok, 64, workers=1)
+    q.put((str(ds.store.dir), ds[3]["targets"].tolist()))
+
+
+@pytest.mark.slow
+def test_concurrent_first_starts_build_one_store(tmp_path, tok):
+    """Two processes (e.g. two ranks) starting at once: one builds under the lock, the other opens its store."""
+    import multiprocessing as mp
+
+    path = write_jsonl(tmp_path / "sft.jsonl", [conv(f"问题{i}", "回答" * (i % 9 + 1)) for i in range(300)])
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_open_in_child, args=(path, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert got[0] == got[1]
+    cache = tmp_path / "sft.jsonl.mateconv-cache"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [Path(got[0][0]).name]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
