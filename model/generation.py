@@ -171,6 +171,17 @@ def context_length(model, tokenizer=None) -> int:
     return 512
 
 
+def _resolve_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+    """End ids (default: the model config's eos) and the pad id (default: config pad, else the first end id)."""
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)
+
+
 # ----------------------------------------------------------------------------------------- steppers
 
 
@@ -324,12 +335,8 @@ def iter_decode(
     max_new = [max(0, int(m)) for m in _as_rows(max_new_tokens, b, "max_new_tokens")]
     sampling = _as_rows(sampling if sampling is not None else Sampling(), b, "sampling")
     cancels = _as_rows(cancel, b, "cancel")
-    if eos_token_ids is None:
-        eos_token_ids = getattr(model.config, "eos_token_id", None)
-    eos = {int(eos_token_ids)} if isinstance(eos_token_ids, int) else {int(e) for e in (eos_token_ids or [])}
-    if pad_token_id is None:
-        pad_token_id = getattr(model.config, "pad_token_id", None)
-    pad = int(pad_token_id if pad_token_id is not None else (min(eos) if eos else 0))
+    eos_ids, pad = _resolve_ids(model, eos_token_ids, pad_token_id)
+    eos = set(eos_ids)
     for i in range(b):
         if max_new[i] == 0:
             state.finish(i, "length")
@@ -431,10 +438,7 @@ def decode(
     ``on_token(row, token_id)`` is called for each new non-end token; returning True finishes the row
     (reason ``"stop"``). Other keyword arguments as :func:`iter_decode`.
     """
-    eos = kwargs.get("eos_token_ids")
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    eos_set = {int(eos)} if isinstance(eos, int) else {int(e) for e in (eos or [])}
+    eos_set = set(_resolve_ids(model, kwargs.get("eos_token_ids"), None)[0])
     state = DecodeState(len(prompts))
     for events in iter_decode(model, prompts, max_new_tokens, sampling, state=state, **kwargs):
         if on_token is None:
@@ -613,16 +617,6 @@ def generate_requests(model, tokenizer, requests: Sequence[Request], *, eos_toke
 
 
 # ----------------------------------------------------------------------------------------- tensor API
-
-
-def _resolve_ids(model, eos_token_id, pad_token_id):
-    cfg = model.config
-    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0
-    return eos_ids, pad
 
 
 def stream_generate(
