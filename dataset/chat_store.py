@@ -27,7 +27,8 @@ its first and last MiB. A store is used only when its header parses, carries thi
 file has its recorded size and checksum (crc32 of the whole file, ~0.5 s per GB) and the offsets
 are consistent; anything else (a foreign, stale, truncated or corrupt store) is rebuilt and
 replaced. Builds go to a temporary directory renamed into place, under a file lock, so concurrent
-starts (several ranks) build once and an interrupted build leaves nothing that looks valid. When
+starts (several ranks) build once and an interrupted build leaves nothing that looks valid; a new
+store removes those of earlier versions of the same file (stores for other tokenizers stay). When
 the location is not writable, the store is built in a temporary directory for this process only
 (with a note).
 
@@ -347,6 +348,7 @@ def build_store(directory: Path, *, path: Path, kind: str, key: str, ident: dict
             os.rename(directory, old)
             shutil.rmtree(old, ignore_errors=True)
         os.rename(tmp, directory)
+        _prune_stale(directory, ident["source"])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -354,6 +356,22 @@ def build_store(directory: Path, *, path: Path, kind: str, key: str, ident: dict
         log(f"{path}: tokenised {seen:,} records into {directory} ({header['num_tokens']:,} tokens, "
             f"{time.time() - t0:.1f}s, {workers} worker(s))")
     return header
+
+
+def _prune_stale(directory: Path, source: dict) -> None:
+    """Remove the stores of earlier versions of the same source file (another size / mtime / content);
+    stores of the same content for other tokenizers stay."""
+    prefix = directory.name[: -16]  # "<kind>-" or "<file name>-<kind>-"
+    for other in directory.parent.iterdir():
+        if other == directory or not other.is_dir() or not other.name.startswith(prefix) \
+                or len(other.name) != len(directory.name):
+            continue
+        try:
+            old_source = json.loads((other / _HEADER).read_text(encoding="utf-8"))["ident"]["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a complete store (maybe being built by another process): left alone
+        if old_source != source:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 @contextlib.contextmanager

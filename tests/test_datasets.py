@@ -270,6 +270,8 @@ def test_store_is_built_once_and_shared_by_context_lengths(tmp_path, tok):
         f.write(json.dumps(conv("新问题", "新回答"), ensure_ascii=False) + "\n")
     c = SFTDataset(path, tok, 4096)
     assert len(c) == 13 and c.store.dir != a.store.dir
+    assert not a.store.dir.exists()  # the store of the earlier version is removed
+    assert len(a) == 12 and a[0]["input_ids"].tolist() == b[int(a._keep[0])]["input_ids"][:16].tolist()  # open maps still work
 
 
 @pytest.mark.parametrize("damage", ["flip_token", "truncate_mask", "garbage_header", "foreign_key", "no_lines"])
