@@ -1,17 +1,28 @@
 """Evaluate one checkpoint on held-out data and write a metrics JSON with every number and its source.
 
     python -m evaluation.evaluate --checkpoint out/sft --split validation --out eval/dense_seed0_sft.json \\
-        [--tokenizer DIR] [--data_dir data/embedded] [--max_examples 64] [--max_items 256]
+        [--tokenizer DIR] [--data_dir data/embedded] [--max_examples 64] [--max_items 256] [--bpc_items 200] \\
+        [--mc_dir DIR] [--mc_items 200] [--no_mc] [--verse_examples 48] [--pairs_items 200] [--quiet]
 
 Computed (each with data file, split, number of items/examples and bootstrap seed):
     * ``pretrain``: loss / perplexity on held-out pretraining text (``pretrain_<split>.jsonl`` or a ``.bin``)
       with per-item NLL sums and token counts (for paired bootstraps in the report), and MoE routing
-      statistics of that pass (``pretrain.routing``);
+      statistics of that pass (``pretrain.routing``, :mod:`evaluation.routing`);
     * ``sft``: loss / perplexity on the answers of held-out SFT conversations (``sft_<split>.jsonl``);
+    * ``bpc``: bits per character (:mod:`evaluation.bpc`) on a fixed spread sample of held-out pretraining
+      texts (always the JSONL) and SFT answers, with per-text NLL and characters and a bootstrap CI;
+    * ``mc``: multiple-choice log-likelihood tasks built from the **test** split (:mod:`evaluation.mc`):
+      accuracy, chance, centred accuracy with CIs; per item in ``<out stem>_mc.jsonl``;
+    * ``pairs``: log-probabilities of one shared held-out preference-pair set (:mod:`evaluation.pairs`),
+      per pair in ``<out stem>_pairs.jsonl`` (the report turns an arm's SFT and DPO files into a reward accuracy);
     * ``generation``: greedy answers to the held-out SFT prompts -> Token-F1 / ROUGE-L (jieba words and
-      characters) with bootstrap 95% CIs, exact-task accuracy, stop rate; per-example JSONL beside the
-      output (``<out stem>_generations.jsonl``) for paired bootstraps between arms;
+      characters) with bootstrap 95% CIs, exact-task accuracy, stop rate, the template-alone baseline and
+      one sample per task; per-example JSONL beside the output (``<out stem>_generations.jsonl``);
+    * ``verse``: verse form and degeneration (:mod:`evaluation.verse`) of greedy answers to held-out
+      write_poem / continue_line prompts and of their references; per example in ``<out stem>_verse.jsonl``;
     * ``judge`` (optional, off by default): LLM-judge win rate against another arm's generations.
+
+Progress: one plain line per part on stdout (``--quiet``: only the final JSON line).
 
 A ``train`` split or a file named as one is refused; held-out records that also occur in the sibling
 train file (same id or identical text / conversation) are left out of every metric and counted under
@@ -162,7 +173,7 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
                    do_generation: bool = True, judge: dict | None = None, bpc_items: int | None = 200,
                    mc_dir=None, mc_items: int | None = 200, do_mc: bool = True, mc_out=None,
                    verse_examples_per_task: int = 48, verse_new_tokens: int = 96, verse_out=None,
-                   progress: bool = False) -> dict:
+                   pairs_items: int = 200, pairs_out=None, progress: bool = False) -> dict:
     """Every held-out metric of ``model`` as one dict (what the CLI writes). ``progress``: print a plain
     line as each part starts and ends."""
     if split.lower() == "train":
@@ -233,6 +244,20 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
         timing["mc_s"], t = round(time.time() - t, 2), time.time()
         _say(progress, "  " + ", ".join(f"{k} {v['acc']['mean']:.3f} (chance {v['chance']:.2f})"
                                         for k, v in res["mc"]["summary"].items()) + f" ({timing['mc_s']}s)")
+    if pairs_items:
+        from .pairs import pair_logps, preference_accuracy, shared_pairs
+
+        pairs = shared_pairs(sft_file, pairs_items, seed)
+        _say(progress, f"shared held-out preference pairs: {len(pairs)} from {sft_file} ...")
+        precs = pair_logps(model, tokenizer, pairs, max_seq_len, batch_size=batch_size * 2)
+        res["pairs"] = {"data_file": str(sft_file), "split": split, "n_pairs": len(precs), "seed": seed,
+                        "construction": "evaluation/pairs.py: chosen = reference answer, rejected = the reference "
+                                        "answer of another held-out prompt of the same task",
+                        "preference_accuracy": preference_accuracy(precs, n_resamples, seed)}
+        if pairs_out:
+            res["pairs"]["per_pair_file"] = str(write_jsonl(precs, pairs_out))
+        timing["pairs_s"], t = round(time.time() - t, 2), time.time()
+        _say(progress, f"  preference accuracy {res['pairs']['preference_accuracy']['mean']:.3f} ({timing['pairs_s']}s)")
     if do_generation:
         from .verse import verse_summary
 
@@ -292,6 +317,8 @@ def evaluate_checkpoint(checkpoint, out=None, tokenizer=None, device: str = "cpu
         kwargs["generations_out"] = Path(out).with_name(Path(out).stem + "_generations.jsonl")
     if out is not None and kwargs.get("verse_out") is None and kwargs.get("do_generation", True):
         kwargs["verse_out"] = Path(out).with_name(Path(out).stem + "_verse.jsonl")
+    if out is not None and kwargs.get("pairs_out") is None and kwargs.get("pairs_items", 200):
+        kwargs["pairs_out"] = Path(out).with_name(Path(out).stem + "_pairs.jsonl")
     if out is not None and kwargs.get("mc_out") is None and kwargs.get("do_mc", True):
         kwargs["mc_out"] = Path(out).with_name(Path(out).stem + "_mc.jsonl")
     res = evaluate_model(model, tok, **kwargs)
@@ -330,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--verse_examples", type=int, default=48,
                     help="write_poem and continue_line prompts (each) for the verse-form measures; 0 = none")
     ap.add_argument("--verse_new_tokens", type=int, default=96)
+    ap.add_argument("--pairs_items", type=int, default=200,
+                    help="shared held-out preference pairs (evaluation/pairs.py) scored for the DPO comparison; 0 = none")
     ap.add_argument("--quiet", action="store_true", help="no progress lines (only the final JSON line)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--judge_base_url", default=None, help="OpenAI-compatible endpoint (judge is off without it)")
@@ -348,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
                               n_resamples=a.n_resamples, do_generation=not a.no_generation, judge=judge,
                               bpc_items=a.bpc_items, mc_dir=a.mc_dir, mc_items=a.mc_items, do_mc=not a.no_mc,
                               verse_examples_per_task=a.verse_examples, verse_new_tokens=a.verse_new_tokens,
-                              progress=not a.quiet)
+                              pairs_items=a.pairs_items, progress=not a.quiet)
     line = {"out": a.out, "pretrain_loss": round(res["pretrain"]["loss"], 4), "sft_loss": round(res["sft"]["loss"], 4)}
     for part, b in res.get("bpc", {}).items():
         line[f"{part}_bpc"] = round(b["bpc"], 4)

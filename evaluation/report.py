@@ -102,7 +102,7 @@ class Report(ReportTables, ReportFigures):
         return {"run_dir": str(self.run_dir), "arms": self._info, "baseline_arm": baseline,
                 "samples": self.samples(), "training_seeds": self.found["seeds"], "evaluations": eval_meta,
                 "report_bootstrap": {"n_resamples": self.n_resamples, "seed": self.seed},
-                "headline": headline, "floors": floors, "compute": compute,
+                "headline": headline, "floors": floors, "compute": compute, "dpo_shared": self.dpo_shared(baseline),
                 "table": table, "comparisons": comps, "forgetting": forg, "routing": routing,
                 "routing_training": self.routing_training(), "training": training, "dpo_heldout": dpo_heldout,
                 "flops_token_sources": self.token_sources, "figures": self.figures, "notes": sorted(set(self.notes))}

@@ -144,6 +144,7 @@ def render_markdown(rep: dict) -> str:
         L.append(f"| {f['arm']} | {f['heldout']} | {d} | {per} | {s['n_seeds']} |")
     if not rep["forgetting"]:
         L.append("| n/a | | | | |")
+    L += dpo_shared_section(rep)
     L += ["", "## Expert load balance per layer (held-out pretraining text)", ""]
     for r in rep["routing"]:
         E = r["n_routed_experts"]
@@ -315,3 +316,23 @@ def metric_notes(rep: dict) -> list[str]:
             "exact-answer examples whose answer occurs in the output (`answer_in_prediction` per example, the one "
             "rule; `exact_match` is the strict equality).", "",
             "| arm | stage | metric | model | template alone |", "| --- | --- | --- | --- | --- |", *lines, ""]
+
+
+def dpo_shared_section(rep: dict) -> list[str]:
+    d = rep.get("dpo_shared") or {}
+    if not d.get("rows"):
+        return []
+    L = ["", "## DPO on one shared held-out pair set (comparable across arms)", "",
+         "Pairs from held-out SFT prompts: chosen = the reference answer, rejected = the reference answer of another "
+         "prompt of the same task (`evaluation/pairs.py`), the same pairs for every arm. Reward accuracy: the DPO "
+         "checkpoint's implicit reward (log-prob minus the SFT checkpoint's) prefers the chosen answer (tie 0.5); "
+         "preference accuracy: a checkpoint gives the chosen answer the higher log-probability.", "",
+         "| arm | seed | pairs | reward accuracy [95% CI] | SFT preference accuracy | DPO preference accuracy |",
+         "| --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        L.append(f"| {r['arm']} | {r['seed']} | {r['n_pairs']} | {_v(r['reward_accuracy'])} | "
+                 f"{_v(r['sft_preference_accuracy'])} | {_v(r['dpo_preference_accuracy'])} |")
+    for c in d.get("comparisons", []):
+        dtext, per, n = _diff_text(c)
+        L += ["", f"Reward accuracy, {c['arm']} − {c['baseline']} on the same pairs: {dtext} ({per}; {n} seed(s))."]
+    return L

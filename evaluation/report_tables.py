@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import paired_bootstrap, paired_ratio_bootstrap, seed_summary
+from .metrics import bootstrap_mean_ci, paired_bootstrap, paired_ratio_bootstrap, seed_summary
 
 STAGES = ("pretrain", "sft", "dpo")
 EVAL_STAGES = ("pretrain", "sft", "dpo")
@@ -159,7 +159,7 @@ def _stage_name(dirname: str) -> str | None:
 def discover(run_dir: Path) -> dict:
     """Find arms, seeds, training logs and evaluation files in ``run_dir`` (see module doc)."""
     run_dir = Path(run_dir)
-    found = {"logs": {}, "evals": {}, "generations": {}, "verse": {}, "mc": {}, "configs": {}}
+    found = {"logs": {}, "evals": {}, "generations": {}, "verse": {}, "mc": {}, "pairs": {}, "configs": {}}
     for p in sorted((run_dir / "arms").glob("*/seed*/*/metrics.jsonl")):
         stage, seed_dir, arm = _stage_name(p.parent.name), p.parent.parent.name, p.parent.parent.parent.name
         m = re.fullmatch(r"seed(\d+)", seed_dir)
@@ -175,7 +175,8 @@ def discover(run_dir: Path) -> dict:
         if m:
             key = (m.group(1), int(m.group(2)), m.group(3))
             found["evals"][key] = p
-            for kind, suffix in (("generations", "_generations.jsonl"), ("verse", "_verse.jsonl"), ("mc", "_mc.jsonl")):
+            for kind, suffix in (("generations", "_generations.jsonl"), ("verse", "_verse.jsonl"), ("mc", "_mc.jsonl"),
+                                 ("pairs", "_pairs.jsonl")):
                 g = p.with_name(p.stem + suffix)
                 if g.is_file():
                     found[kind][key] = g
@@ -652,3 +653,45 @@ class ReportTables:
             if rows:
                 out[f"{a}_seed{s}_{st}"] = rows
         return out
+
+    def dpo_shared(self, baseline: str | None) -> dict:
+        """DPO on the one shared held-out pair set (:mod:`evaluation.pairs`): per arm and seed, the implicit
+        reward accuracy (DPO vs SFT checkpoint of that arm and seed, tie 0.5) with a bootstrap CI over pairs,
+        each checkpoint's preference accuracy, and the paired difference in reward accuracy to the baseline."""
+        from .pairs import preference_accuracy, reward_wins
+
+        rows, wins = [], {}
+        for arm in self.found["arms"]:
+            for s in self.found["seeds"][arm]:
+                pd, ps = self.found["pairs"].get((arm, s, "dpo")), self.found["pairs"].get((arm, s, "sft"))
+                if pd is None or ps is None:
+                    continue
+                rd, rs = _read_jsonl(pd), _read_jsonl(ps)
+                w = reward_wins(rd, rs)
+                if not w:
+                    continue
+                wins[(arm, s)] = w
+                ci = bootstrap_mean_ci(list(w.values()), self.n_resamples, self.seed)
+                rows.append({"arm": arm, "seed": s, "n_pairs": len(w), "pairs_file": str(pd),
+                             "reward_accuracy": {k: ci[k] for k in ("mean", "ci_low", "ci_high")},
+                             "sft_preference_accuracy": preference_accuracy(rs, self.n_resamples, self.seed),
+                             "dpo_preference_accuracy": preference_accuracy(rd, self.n_resamples, self.seed)})
+        comps = []
+        for arm in self.found["arms"]:
+            if arm == baseline:
+                continue
+            per_seed = {}
+            for s in self.found["seeds"][arm]:
+                a, b = wins.get((arm, s)), wins.get((baseline, s))
+                if a and b:
+                    ids = sorted(set(a) & set(b))
+                    r = paired_bootstrap([a[i] for i in ids], [b[i] for i in ids], self.n_resamples, self.seed)
+                    per_seed[str(s)] = {k: r[k] for k in ("diff", "ci_low", "ci_high", "mean_a", "mean_b", "n")}
+            if per_seed:
+                comps.append({"arm": arm, "baseline": baseline, "metric": "shared_pairs_reward_accuracy",
+                              "per_seed": per_seed,
+                              "across_seeds": seed_summary([d["diff"] for d in per_seed.values()])})
+        if not rows:
+            self.notes.append("no arm has shared held-out pair files (eval/*_sft_pairs.jsonl and *_dpo_pairs.jsonl): "
+                              "no comparable DPO evaluation.")
+        return {"construction": "evaluation/pairs.py", "rows": rows, "comparisons": comps}

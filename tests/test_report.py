@@ -505,3 +505,25 @@ def test_compute_and_routing_health_match_their_files(tiny_run):
         E = r["n_routed_experts"]
         for lay in r["layers"]:
             assert [d["expert"] for d in lay["near_dead"]] == [e for e, f in enumerate(lay["load_fraction"]) if f < 0.1 / E]
+
+
+def test_dpo_on_the_shared_pair_set_matches_the_pair_files(tiny_run):
+    run_dir, rep = tiny_run
+    d = rep["dpo_shared"]
+    assert {(r["arm"], r["seed"]) for r in d["rows"]} == {(a, s) for a in ("dense", "moe") for s in (0, 1)}
+    for r in d["rows"]:
+        dpo = {x["id"]: x for x in _jsonl(run_dir / "eval" / f"{r['arm']}_seed{r['seed']}_dpo_pairs.jsonl")}
+        sft = {x["id"]: x for x in _jsonl(run_dir / "eval" / f"{r['arm']}_seed{r['seed']}_sft_pairs.jsonl")}
+        assert set(dpo) == set(sft) and r["n_pairs"] == len(dpo)
+        margins = [(dpo[i]["logp_chosen"] - sft[i]["logp_chosen"]) - (dpo[i]["logp_rejected"] - sft[i]["logp_rejected"])
+                   for i in sorted(dpo)]
+        acc = np.mean([1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins])
+        assert r["reward_accuracy"]["mean"] == pytest.approx(acc)
+        assert r["sft_preference_accuracy"]["mean"] == pytest.approx(
+            np.mean([1.0 if x["logp_chosen"] > x["logp_rejected"] else 0.0 for x in sft.values()]))
+    # the same pairs for every arm
+    ids = {(a, s): {x["id"] for x in _jsonl(run_dir / "eval" / f"{a}_seed{s}_sft_pairs.jsonl")}
+           for a in ("dense", "moe") for s in (0, 1)}
+    assert len({frozenset(v) for v in ids.values()}) == 1
+    (c,) = d["comparisons"]
+    assert c["arm"] == "moe" and set(c["per_seed"]) == {"0", "1"}
