@@ -411,3 +411,13 @@ def test_api_docs_need_the_key(server):
         r = httpx.get(server.url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         assert r.status_code == 200, path
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_cli_names_a_path_without_a_model(tmp_path, capsys):
+    from serving.cli import main
+
+    assert main(["--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: model path not found: {tmp_path / 'nowhere'}"
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(tmp_path / "empty")]) == 2
+    assert "no model in" in capsys.readouterr().err
