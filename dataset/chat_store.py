@@ -260,13 +260,16 @@ def encode_range(task):
         lines.append(line)
     enc = _W["encoder"].encode_many(convs, _W["loss_on"]) if convs else []
     lengths = np.fromiter((len(ids) for ids, _ in enc), dtype=np.int64, count=len(enc))
-    first = np.full(len(enc), NO_TARGET, dtype=np.int32)
-    for k, (_, m) in enumerate(enc):
-        hit = np.flatnonzero(m[1:])
-        if len(hit):
-            first[k] = hit[0] + 1
     ids = np.concatenate([e[0] for e in enc]) if enc else np.zeros(0, np.int64)
     mask = np.concatenate([e[1] for e in enc]).astype(np.uint8) if enc else np.zeros(0, np.uint8)
+    # first target position >= 1 of each sequence (position 0 is never predicted)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
+    hits = np.flatnonzero(mask)
+    hits = hits[~np.isin(hits, starts[lengths > 0])]
+    seq_of_hit = np.searchsorted(starts, hits, side="right") - 1
+    first = np.full(len(enc), NO_TARGET, dtype=np.int32)
+    seqs, at = np.unique(seq_of_hit, return_index=True)
+    first[seqs] = (hits[at] - starts[seqs]).astype(np.int32)
     top = int(ids.max()) if len(ids) else -1
     return ids, mask, lengths, first, np.asarray(lines, dtype=np.int64), errors, seen, top
 
