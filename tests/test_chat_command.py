@@ -119,3 +119,25 @@ def test_bad_model_path_is_one_clear_line(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.strip().startswith("error: model path not found")
     assert "Traceback" not in p.stderr
+
+
+def test_exported_native_model(tmp_path):
+    from model import MateConvForCausalLM, get_config
+    from model.export import main as export_main
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = MateConvForCausalLM(get_config("mateconv-tiny", vocab_size=len(tok)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" not in n and p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path / "ours")
+    tok.save_pretrained(tmp_path / "ours")
+    export_main(["--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "native")])
+    p = subprocess.run(_cmd(tmp_path / "native", "--prompt", QUESTION), cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    want = expected_answer(tmp_path / "ours", [{"role": "user", "content": QUESTION}])
+    assert len(want) > 3 and p.stdout == want + "\n"
