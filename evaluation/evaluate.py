@@ -2,7 +2,7 @@
 
     python -m evaluation.evaluate --checkpoint out/sft --split validation --out eval/dense_seed0_sft.json \\
         [--tokenizer DIR] [--data_dir data/embedded] [--max_examples 64] [--max_items 256] [--bpc_items 200] \\
-        [--mc_dir DIR] [--mc_items 200] [--no_mc] [--verse_examples 48] [--pairs_items 200] [--quiet]
+        [--mc_dir DIR] [--mc_items 100] [--no_mc] [--verse_examples 32] [--pairs_items 100] [--quiet]
 
 Computed (each with data file, split, number of items/examples and bootstrap seed):
     * ``pretrain``: loss / perplexity on held-out pretraining text (``pretrain_<split>.jsonl`` or a ``.bin``)
@@ -171,9 +171,9 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
                    max_examples: int | None = None, max_seq_len: int | None = None, max_new_tokens: int = 64,
                    batch_size: int = 8, seed: int = 0, n_resamples: int = 2000, generations_out=None,
                    do_generation: bool = True, judge: dict | None = None, bpc_items: int | None = 200,
-                   mc_dir=None, mc_items: int | None = 200, do_mc: bool = True, mc_out=None,
-                   verse_examples_per_task: int = 48, verse_new_tokens: int = 96, verse_out=None,
-                   pairs_items: int = 200, pairs_out=None, progress: bool = False) -> dict:
+                   mc_dir=None, mc_items: int | None = 100, do_mc: bool = True, mc_out=None,
+                   verse_examples_per_task: int = 32, verse_new_tokens: int = 96, verse_out=None,
+                   pairs_items: int = 100, pairs_out=None, progress: bool = False) -> dict:
     """Every held-out metric of ``model`` as one dict (what the CLI writes). ``progress``: print a plain
     line as each part starts and ends."""
     if split.lower() == "train":
@@ -317,7 +317,7 @@ def evaluate_checkpoint(checkpoint, out=None, tokenizer=None, device: str = "cpu
         kwargs["generations_out"] = Path(out).with_name(Path(out).stem + "_generations.jsonl")
     if out is not None and kwargs.get("verse_out") is None and kwargs.get("do_generation", True):
         kwargs["verse_out"] = Path(out).with_name(Path(out).stem + "_verse.jsonl")
-    if out is not None and kwargs.get("pairs_out") is None and kwargs.get("pairs_items", 200):
+    if out is not None and kwargs.get("pairs_out") is None and kwargs.get("pairs_items", 100):
         kwargs["pairs_out"] = Path(out).with_name(Path(out).stem + "_pairs.jsonl")
     if out is not None and kwargs.get("mc_out") is None and kwargs.get("do_mc", True):
         kwargs["mc_out"] = Path(out).with_name(Path(out).stem + "_mc.jsonl")
@@ -352,12 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bpc_items", type=int, default=200, help="texts per held-out file for bits per character")
     ap.add_argument("--mc_dir", default=None, help="multiple-choice task files (default: <data_dir>/mc, built "
                     "from the test split when missing)")
-    ap.add_argument("--mc_items", type=int, default=200, help="multiple-choice items per task")
+    ap.add_argument("--mc_items", type=int, default=100, help="multiple-choice items per task (at most 200)")
     ap.add_argument("--no_mc", action="store_true", help="skip the multiple-choice tasks")
-    ap.add_argument("--verse_examples", type=int, default=48,
+    ap.add_argument("--verse_examples", type=int, default=32,
                     help="write_poem and continue_line prompts (each) for the verse-form measures; 0 = none")
     ap.add_argument("--verse_new_tokens", type=int, default=96)
-    ap.add_argument("--pairs_items", type=int, default=200,
+    ap.add_argument("--pairs_items", type=int, default=100,
                     help="shared held-out preference pairs (evaluation/pairs.py) scored for the DPO comparison; 0 = none")
     ap.add_argument("--quiet", action="store_true", help="no progress lines (only the final JSON line)")
     ap.add_argument("--device", default="cpu")

@@ -48,7 +48,7 @@ def _set_parameters(nb, **params):
 def test_notebook_executes_on_heldout_data(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     _set_parameters(nb, DATA_DIR=str(_data(tmp_path / "data")), MAX_EXAMPLES=4,
-                    MAX_ITEMS=4, MAX_NEW_TOKENS=8, N_SAMPLES=2, DEMO_STEPS=5)
+                    MAX_ITEMS=4, MAX_NEW_TOKENS=8, N_SAMPLES=2, DEMO_STEPS=5, MC_ITEMS=8, VERSE_EXAMPLES=2)
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -58,3 +58,5 @@ def test_notebook_executes_on_heldout_data(tmp_path):
     assert "pretrain loss" in text and "sft      loss" in text and "rouge_l_char" in text
     assert "sft_validation.jsonl" in text and "sft_train" not in text.split("demo model:")[1]
     assert "task author" in text and "dense model: no routing statistics" in text
+    assert "bits/char" in text and "multiple choice next_line" in text and "chance 0.25" in text
+    assert "template alone" in text and "[evaluate] multiple choice" in text
