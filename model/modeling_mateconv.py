@@ -83,6 +83,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+#: On CPU, SDPA's bfloat16 flash kernel is 2-4x slower (forward + backward) than its float32 kernel for
+#: windows up to ~256 tokens at head dim 32 (and about as fast at 512): measured on a 2-core AMX Xeon, e.g.
+#: [16, 6, 128, 32] 106 vs 42 ms, [8, 6, 256, 32] 103 vs 59 ms, [4, 16, 512, 32] 271 vs 302 ms. So there
+#: attention runs in float32 (inputs upcast, output cast back; no change under float32 or on GPU).
+CPU_FP32_ATTENTION_MAX_LEN = 256
+
+
+def _attention(q, k, v, attn_mask, causal: bool):
+    """SDPA over [B, H, T, D]: the causal fast path when there is no mask."""
+    kw = {"is_causal": causal} if attn_mask is None else {"attn_mask": attn_mask}
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and 1 < q.shape[2] <= CPU_FP32_ATTENTION_MAX_LEN:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 class MateConvAttention(nn.Module):
     """Grouped-query attention with a fused QKV projection and SDPA (flash kernels where available)."""
 
@@ -113,10 +129,7 @@ class MateConvAttention(nn.Module):
             S = k.shape[2]
             k = k[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
             v = v[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
-        if attn_mask is None:  # no padding and no cache offset: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = _attention(q, k, v, attn_mask, causal=T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -136,11 +149,14 @@ class MateConvMLP(nn.Module):
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    """All routed experts on expert-sorted rows: one matmul pair per expert, hand-written backward.
+    """All routed experts on expert-sorted rows: one matmul per expert and projection, hand-written backward.
 
-    Rows ``xs`` [S, H] are grouped by expert (``counts[e]`` rows each). The backward writes each expert's
-    weight gradient straight into one [E, ...] buffer (autograd on per-expert weight views would allocate and
-    stack/zero-fill full-size gradients for every expert), and reuses the saved pre-activations.
+    Rows ``xs`` [S, H] are grouped by expert (``counts[e]`` rows each). Only the matmuls loop over the experts;
+    the gate/up pre-activations live in two contiguous [S, I] buffers, so SiLU, its derivative and the
+    products run once over all rows (column slices of one [S, 2I] buffer made every bfloat16 elementwise op
+    strided and several times slower on CPU). The backward writes each expert's weight gradient straight
+    into one [E, ...] buffer (autograd on per-expert weight views would allocate and stack/zero-fill
+    full-size gradients for every expert) and reuses the saved activations.
     """
 
     @staticmethod
@@ -148,51 +164,59 @@ class _GroupedSwiGLU(torch.autograd.Function):
         wg, wd = w_gate_up.to(dtype), w_down.to(dtype)
         xs = xs.to(dtype)
         inter = w_down.shape[2]
-        h = xs.new_empty(xs.shape[0], 2 * inter)  # gate | up pre-activations
+        g = xs.new_empty(xs.shape[0], inter)
+        u = xs.new_empty(xs.shape[0], inter)
         out = xs.new_empty(xs.shape[0], w_down.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(xs[rows], wg[e].t(), out=h[rows])
-                torch.mm(F.silu(h[rows, :inter]) * h[rows, inter:], wd[e].t(), out=out[rows])
-                start += n
-        ctx.save_for_backward(xs, wg, wd, h)
-        ctx.counts = counts
-        ctx.weight_dtype = w_gate_up.dtype
+        spans = _spans(counts)
+        for e, rows in spans:
+            torch.mm(xs[rows], wg[e, :inter].t(), out=g[rows])
+            torch.mm(xs[rows], wg[e, inter:].t(), out=u[rows])
+        silu = F.silu(g)
+        act = silu * u
+        for e, rows in spans:
+            torch.mm(act[rows], wd[e].t(), out=out[rows])
+        ctx.save_for_backward(xs, wg, wd, g, u, silu, act)
+        ctx.counts, ctx.weight_dtype = counts, w_gate_up.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xs, wg, wd, h = ctx.saved_tensors
+        xs, wg, wd, g, u, silu, act = ctx.saved_tensors
         inter = wd.shape[2]
-        dout = dout.to(xs.dtype)
+        dout = dout.to(xs.dtype).contiguous()
+        spans = _spans(ctx.counts)
+        da = torch.empty_like(g)
+        for e, rows in spans:
+            torch.mm(dout[rows], wd[e], out=da[rows])
+        dg = torch.ops.aten.silu_backward(da * u, g)  # d/dg silu(g) * u
+        du = da * silu
         dxs = torch.empty_like(xs)
-        dwg = torch.empty(wg.shape, dtype=ctx.weight_dtype, device=xs.device)
-        dwd = torch.empty(wd.shape, dtype=ctx.weight_dtype, device=xs.device)
+        dwg = torch.zeros(wg.shape, dtype=ctx.weight_dtype, device=xs.device)
+        dwd = torch.zeros(wd.shape, dtype=ctx.weight_dtype, device=xs.device)
         same_dtype = xs.dtype == ctx.weight_dtype
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if not n:
-                dwg[e].zero_()
-                dwd[e].zero_()
-                continue
-            rows = slice(start, start + n)
-            start += n
-            g, u = h[rows, :inter], h[rows, inter:]
-            sg = torch.sigmoid(g)
-            act = g * sg
-            do = dout[rows]
-            da = do @ wd[e]
-            dh = torch.cat([da * u * (sg * (1 + g * (1 - sg))), da * act], dim=1)
+        for e, rows in spans:
+            x_e = xs[rows]
             if same_dtype:  # write the weight gradients in place
-                torch.mm(do.t(), act * u, out=dwd[e])
-                torch.mm(dh.t(), xs[rows], out=dwg[e])
+                torch.mm(dout[rows].t(), act[rows], out=dwd[e])
+                torch.mm(dg[rows].t(), x_e, out=dwg[e, :inter])
+                torch.mm(du[rows].t(), x_e, out=dwg[e, inter:])
             else:  # autocast: low-precision matmul, fp32 gradient
-                dwd[e].copy_(do.t() @ (act * u))
-                dwg[e].copy_(dh.t() @ xs[rows])
-            torch.mm(dh, wg[e], out=dxs[rows])
+                dwd[e].copy_(dout[rows].t() @ act[rows])
+                dwg[e, :inter].copy_(dg[rows].t() @ x_e)
+                dwg[e, inter:].copy_(du[rows].t() @ x_e)
+            torch.mm(dg[rows], wg[e, :inter], out=dxs[rows])
+            dxs[rows].addmm_(du[rows], wg[e, inter:])
         return dxs, dwg, dwd, None, None
+
+
+def _spans(counts) -> list[tuple[int, slice]]:
+    """(expert, row slice) of every expert that has rows, for rows sorted by expert."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, slice(start, start + n)))
+            start += n
+    return out
 
 
 class MateConvExperts(nn.Module):

@@ -153,3 +153,33 @@ def test_grouped_experts_backward_matches_autograd_reference():
     for a, b in zip(grads, grads_ref):
         assert torch.allclose(a, b, atol=1e-10)
     assert grads[-1].abs().sum() > 0  # shared expert (last params) and router get gradients too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_forward_backward_match_reference_under_autocast(dtype):
+    """The grouped path (one autograd node, matmuls in the autocast dtype) against the per-token reference in
+    float64: float32 to rounding, bfloat16 within bfloat16 tolerances (relative error of the whole tensor)."""
+    layer, _ = make_moe(n_routed_experts=8, num_experts_per_tok=3)
+    torch.manual_seed(1)
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    g = torch.randn(4, 16, 64)
+    params = list(layer.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y, _ = layer(x)
+    grads = torch.autograd.grad((y.float() * g).sum(), [x, *params])
+    ref = {k: v.double() for k, v in layer.state_dict().items()}
+    layer64, _ = make_moe(n_routed_experts=8, num_experts_per_tok=3)
+    layer64.double().load_state_dict(ref)
+    x64 = x.detach().double().requires_grad_()
+    y_ref = reference_moe(layer64, x64)
+    grads_ref = torch.autograd.grad((y_ref * g.double()).sum(), [x64, *layer64.parameters()])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def rel(a, b):
+        return float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
+
+    assert y.dtype == x.dtype and rel(y, y_ref) < tol
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, grads, grads_ref):
+        assert a.dtype == (x.dtype if name == "x" else torch.float32), name  # fp32 weight gradients
+        assert rel(a, b) < tol, (name, rel(a, b))
