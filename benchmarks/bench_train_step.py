@@ -1,9 +1,10 @@
 """Training step (forward + backward + AdamW) tokens/s: MateConv vs transformers' LlamaForCausalLM.
 
 Both models have the identical configuration (``mateconv-0.02b`` by default) and the same weights;
-they are measured alternately in the same process, bf16 autocast, on CPU.
+they are measured alternately in the same process, bf16 autocast, on CPU. ``--compile`` adds our model under
+``torch.compile`` (its compile time is printed separately).
 
-    python benchmarks/bench_train_step.py --threads 2 --batch 4 --seq 512 --steps 5
+    python benchmarks/bench_train_step.py --threads 2 --batch 4 --seq 512 --steps 5 [--compile]
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model (after 1 warm-up step)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--compile", action="store_true",
+                    help="also time our model under torch.compile (compile time reported separately)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -50,11 +53,20 @@ def main(argv=None) -> None:
     ours = MateConvForCausalLM(get_config(args.preset)).train()
     llama = to_native(ours).train()
     x = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq))
-    steps = {}
-    for name, m in (("mateconv", ours), ("llama", llama)):
+    steps, contenders = {}, [("mateconv", ours), ("llama", llama)]
+    if args.compile:
+        import copy
+
+        compiled = copy.deepcopy(ours)
+        compiled.compile()
+        contenders.append(("mateconv+compile", compiled))
+    first = {}
+    for name, m in contenders:
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
         steps[name] = make_step(m, opt, x, x, True, dtype)
-        steps[name]()  # warm-up
+        t0 = time.perf_counter()
+        steps[name]()  # warm-up (compiles)
+        first[name] = time.perf_counter() - t0
     times = {k: [] for k in steps}
     for _ in range(args.steps):
         for name, fn in steps.items():  # alternate so both see the same machine load
@@ -67,6 +79,10 @@ def main(argv=None) -> None:
     for k, v in res.items():
         print(f"  {k:10s} {v:10.0f} tokens/s  (median step {statistics.median(times[k]) * 1e3:.0f} ms)")
     print(f"RATIO mateconv/llama tokens/s = {res['mateconv'] / res['llama']:.2f}x  (floor 1.5x)")
+    if args.compile:
+        extra = first["mateconv+compile"] - statistics.median(times["mateconv+compile"])
+        print(f"RATIO mateconv+compile/llama tokens/s = {res['mateconv+compile'] / res['llama']:.2f}x  "
+              f"(compile time {extra:.1f} s, first step {first['mateconv+compile']:.1f} s, not in the ratio)")
 
 
 if __name__ == "__main__":
