@@ -422,3 +422,17 @@ def test_max_minutes_plans_from_the_measured_step_time(small_bin, tmp_path):
     run_dir = tmp_path / "pretrain_mateconv-tiny"
     assert sorted(_train_recs(run_dir)) == [1]
     assert "-> 1 optimizer steps" in (run_dir / "train.log").read_text()
+
+
+def test_thread_count_flag_env_then_free_cores(monkeypatch):
+    from trainer.distributed import pick_num_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert pick_num_threads(5, 1) == (5, "--num_threads")
+    assert pick_num_threads(0, 1) == (3, "$OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0))
+    n, why = pick_num_threads(0, 1, sample_s=0.05)
+    assert 1 <= n <= cores and f"of {cores} cores free" in why
+    n2, why2 = pick_num_threads(0, 2 * cores, sample_s=0.05)  # more local processes than cores: one each
+    assert n2 == 1 and "local processes" in why2
