@@ -9,6 +9,23 @@ Launchers forward signals: with ``kill -2 -PGID`` every worker gets the signal f
 a copy (SIGINT or SIGTERM) from torchrun / the deepspeed launcher a few milliseconds later. Under a
 launcher, one more signal within ``forward_window`` seconds of the first is therefore taken as that
 copy and ignored; any signal after that window (or a third one) aborts.
+
+Exit statuses under the ``deepspeed`` launcher (deepspeed 0.19, single node; read from
+``deepspeed/launcher/runner.py`` and ``launch.py`` and measured): the workers always save and exit 0, but the
+``deepspeed`` command itself cannot report 0 after a SIGINT, because its runner installs no signal handler:
+
+- ``kill -2 -PGID`` (the whole group): the runner dies in ``subprocess.wait()`` with a ``KeyboardInterrupt``
+  traceback (exit status 130 in the shell); ``deepspeed.launcher.launch`` sends SIGTERM to every worker
+  (taken as the forwarded copy, see above), waits up to 30 s for them (then SIGKILL: a stop-save longer than
+  that is lost and the previous checkpoint stays), and exits 1. The workers' log ends with
+  ``stopped by signal at step N``.
+- ``kill -2 <runner PID>`` (the origin document's line): the runner dies the same way (traceback, 130);
+  ``launch.py`` keeps running, the workers see the runner gone (:class:`LauncherWatch`), save, exit 0, and
+  ``launch.py`` then exits 0 in the background.
+
+So after a ``deepspeed`` SIGINT stop, check ``stopped by signal`` in the log (or the ``latest`` checkpoint),
+not the exit status. A plain ``python`` run exits 0 (``torchrun`` reports the signal with its own
+``SignalException``; its workers exit 0 too).
 """
 
 from __future__ import annotations

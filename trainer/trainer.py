@@ -476,8 +476,11 @@ class Trainer:
             self.model.compile()  # in place: parameter names, state dicts and checkpoints are unchanged
         groups = param_groups(self.model, a.optimizer, lr=a.learning_rate, muon_lr=a.muon_lr,
                               weight_decay=a.weight_decay)
-        self.groups_note = ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']) / 1e6:.2f}M params "
+        self.groups_note = ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,} params "
                                      f"(peak lr {g['peak_lr']:g})" for g in groups)
+        if self.dist.use_deepspeed and a.optimizer == "muon":
+            self.groups_note += ("; under DeepSpeed its own Muon (\"type\": \"Muon\") regroups them: every >= 2-D "
+                                 "parameter but embeddings / LM head, the router included, on Muon")
         if self.dist.use_deepspeed:
             cfg = self._ds_config()
             self.ds_config = cfg
