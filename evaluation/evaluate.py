@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -216,11 +218,16 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
     if do_mc:
         from .mc import ensure_mc_items, load_mc_items, score_mc, summarize_mc
 
-        mc_dir = Path(mc_dir) if mc_dir else Path(data_dir) / "mc"
+        if mc_dir:  # given task files, used as they are
+            mc_files = {p.stem[len("mc_"):-len("_test")]: p for p in sorted(Path(mc_dir).glob("mc_*_test.jsonl"))}
+            if not mc_files:
+                raise FileNotFoundError(f"no multiple-choice task files (mc_<task>_test.jsonl) in {mc_dir}")
+        else:  # built once from the corpus's test split (evaluation.mc)
+            mc_dir = Path(data_dir) / "mc"
+            mc_files = ensure_mc_items(mc_dir)
         if split != "test":
-            _say(progress, f"multiple-choice tasks are built from the test split ({mc_dir}); this evaluation's "
+            _say(progress, f"multiple-choice tasks come from the test split ({mc_dir}); this evaluation's "
                            f"split is {split}")
-        mc_files = ensure_mc_items(mc_dir)
         items = load_mc_items(mc_files)
         if mc_items is not None:
             by_task: dict[str, list] = {}
@@ -249,6 +256,9 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
 
         pairs = shared_pairs(sft_file, pairs_items, seed)
         _say(progress, f"shared held-out preference pairs: {len(pairs)} from {sft_file} ...")
+    if pairs_items and not pairs:
+        _say(progress, "  no pairs (no two different reference answers of one task): no shared-pair evaluation")
+    elif pairs_items:
         precs = pair_logps(model, tokenizer, pairs, max_seq_len, batch_size=batch_size * 2)
         res["pairs"] = {"data_file": str(sft_file), "split": split, "n_pairs": len(precs), "seed": seed,
                         "construction": "evaluation/pairs.py: chosen = reference answer, rejected = the reference "
@@ -257,7 +267,7 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
         if pairs_out:
             res["pairs"]["per_pair_file"] = str(write_jsonl(precs, pairs_out))
         timing["pairs_s"], t = round(time.time() - t, 2), time.time()
-        _say(progress, f"  preference accuracy {res['pairs']['preference_accuracy']['mean']:.3f} ({timing['pairs_s']}s)")
+        _say(progress, f"  preference accuracy {res['pairs']['preference_accuracy']['mean']} ({timing['pairs_s']}s)")
     if do_generation:
         from .verse import verse_summary
 
@@ -331,7 +341,17 @@ def evaluate_checkpoint(checkpoint, out=None, tokenizer=None, device: str = "cpu
     return res
 
 
+def _no_bars_off_tty() -> None:
+    """Progress bars only on a terminal: a log file (``nohup``, a pipeline log) gets plain lines only."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> dict:
+    _no_bars_off_tty()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + weights)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the checkpoint's, else ours)")
@@ -350,8 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n_resamples", type=int, default=2000)
     ap.add_argument("--no_generation", action="store_true")
     ap.add_argument("--bpc_items", type=int, default=200, help="texts per held-out file for bits per character")
-    ap.add_argument("--mc_dir", default=None, help="multiple-choice task files (default: <data_dir>/mc, built "
-                    "from the test split when missing)")
+    ap.add_argument("--mc_dir", default=None, help="a directory of multiple-choice task files mc_<task>_test.jsonl, "
+                    "used as they are (default: <data_dir>/mc, built from the corpus's test split when missing)")
     ap.add_argument("--mc_items", type=int, default=100, help="multiple-choice items per task (at most 200)")
     ap.add_argument("--no_mc", action="store_true", help="skip the multiple-choice tasks")
     ap.add_argument("--verse_examples", type=int, default=32,

@@ -102,6 +102,8 @@ def _win(x: float) -> float:
 
 def preference_accuracy(records: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
     """Share of pairs where the checkpoint gives the chosen answer the higher log-probability (tie 0.5)."""
+    if not records:
+        return {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
     ci = bootstrap_mean_ci([_win(r["logp_chosen"] - r["logp_rejected"]) for r in records], n_resamples, seed)
     return {k: ci[k] for k in ("mean", "ci_low", "ci_high", "n")}
 

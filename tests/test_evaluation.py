@@ -346,3 +346,36 @@ def test_bit_parallel_lcs_equals_the_dynamic_programme_on_tokens():
         a = [rng.choice(["春", "眠", "不觉", "晓", "处处"]) for _ in range(rng.randrange(0, 30))]
         b = [rng.choice(["春", "眠", "不觉", "晓", "夜来"]) for _ in range(rng.randrange(0, 30))]
         assert lcs_length(a, b) == dp(a, b)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_prints_plain_progress_lines_and_no_bars_into_a_log(tmp_path):
+    """Through a pipe (as under nohup or the pipeline): '[evaluate] ...' lines per part, no tqdm bars."""
+    import subprocess
+    import sys
+
+    _model().save_pretrained(tmp_path / "ckpt")
+    rows = [_sft(i, f"“{a}”的下一句是什么？", b, task="continue_line")
+            for i, (a, b) in enumerate([("床前明月光", "疑是地上霜。"), ("春眠不觉晓", "处处闻啼鸟。"), ("白日依山尽", "黄河入海流。")])]
+    _write(tmp_path / "sft_validation.jsonl", rows)
+    _write(tmp_path / "pretrain_validation.jsonl", [{"text": "床前明月光，疑是地上霜。"}, {"text": "春眠不觉晓。"}])
+    mc = tmp_path / "mc"
+    mc.mkdir()
+    _write(mc / "mc_next_line_test.jsonl", [{"id": "m1", "task": "next_line", "format": "text", "prompt": "床前明月光，",
+                                             "options": ["疑是地上霜", "处处闻啼鸟", "黄河入海流", "低头思故乡"],
+                                             "label": 0}])
+    out = tmp_path / "eval" / "dense_seed0_sft.json"
+    proc = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", str(tmp_path / "ckpt"),
+                           "--tokenizer", str(FIXTURE_TOK), "--data_dir", str(tmp_path), "--mc_dir", str(mc),
+                           "--max_new_tokens", "4", "--verse_examples", "2", "--verse_new_tokens", "4",
+                           "--n_resamples", "50", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for what in ("held-out loss on pretraining text", "bits per character on", "multiple choice: 1 items",
+                 "shared held-out preference pairs", "greedy answers to", "verse form: greedy answers", "done in"):
+        assert any(x.startswith("[evaluate]") and what in x for x in lines), what
+    assert "it/s]" not in proc.stderr and "\r" not in proc.stderr  # no progress bars in a log
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["mc"]["n_items"] == 1 and res["verse"]["n_examples"] == 2 and res["pairs"]["n_pairs"] == 3
+    assert json.loads(lines[-1])["out"] == str(out)
