@@ -290,3 +290,21 @@ def _wandb_history_keys(run_path: Path) -> set[str]:
         if rec.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
     return keys
+
+
+def test_deepspeed_muon_trains_and_resumes_exactly(data, tmp_path):
+    """--optimizer muon under the deepspeed launcher uses DeepSpeed's own Muon; its checkpoint resumes exactly."""
+    base = _args(data, tmp_path, 2, "--deepspeed", "ds_config.json", "--optimizer", "muon", "--save_interval", "2")
+    base[base.index("--max_steps") + 1] = "4"
+    run_ok(launch_cmd("deepspeed") + base + ["--run_name", "full"])
+    mid = tmp_path / "full" / "checkpoints" / "step_0000002"
+    assert (mid / "deepspeed" / "state").is_dir()
+    run_ok(launch_cmd("deepspeed") + base + ["--run_name", "resumed", "--resume", str(mid)])
+    full = {r["step"]: r for r in _train_records(tmp_path / "full")}
+    resumed = {r["step"]: r for r in _train_records(tmp_path / "resumed")}
+    assert sorted(full) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    assert full[4]["loss"] < full[1]["loss"] and full[1]["lr_muon"] > full[1]["lr"]
+    for s in (3, 4):
+        assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], rel=1e-6)
+        assert resumed[s]["lr_muon"] == full[s]["lr_muon"]
+    assert "DeepSpeed ZeRO-2" in (tmp_path / "full" / "train.log").read_text()
