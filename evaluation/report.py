@@ -5,17 +5,23 @@ missing in the report's "Notes", never invented)::
 
     <run_dir>/
       run.json                                   optional: {"baseline_arm": "dense", "max_seq_len": 256,
-                                                 #  "tokens_per_step": {"pretrain": N, "sft": N, "dpo": N}}
+                                                 #  "tokens_per_step": {"pretrain": N, "sft": N, "dpo": N},
+                                                 #  "stage_seconds": {"<arm>_seed<k>_<stage>": wall seconds}}
       arms/<arm>/seed<k>/<stage>/metrics.jsonl   trainer logs (trainer: --out_dir arms/<arm>/seed<k> --run_name <stage>;
                                                  #  a run name like sft_<tag> is read as stage "sft"), stage in pretrain|sft|dpo
       arms/<arm>/seed<k>/<stage>/**/config.json  optional (checkpoint config; FLOPs per token when no eval JSON)
       eval/<arm>_seed<k>_<stage>.json            python -m evaluation.evaluate output, stage in sft | dpo (| pretrain)
       eval/<arm>_seed<k>_<stage>_generations.jsonl   its per-example generations
+      eval/<arm>_seed<k>_<stage>_mc.jsonl        its multiple-choice records (per item)
+      eval/<arm>_seed<k>_<stage>_verse.jsonl     its verse-form answers (per example)
+      eval/<arm>_seed<k>_<stage>_pairs.jsonl     its log-probs of the shared held-out preference pairs
 
 ``metrics.jsonl`` fields read (any may be missing; a missing field drops that curve with a note):
-``step``; training ``loss``; validation ``<name>/loss`` for any eval set name (``val/loss`` ...);
-cumulative tokens (``tokens``, ``tokens_seen``, ``train/tokens`` or ``num_tokens``; else
-``step x run.json tokens_per_step[stage]``) for the FLOPs axis; DPO ``rewards/margins``,
+``step``; training ``loss``; validation ``<name>/loss`` and ``<name>/bpc`` for any eval set name
+(``val/loss``, ``val/bpc`` ...); ``elapsed_s`` (training-loop time); cumulative ``flops`` (the FLOPs
+axis when logged) and tokens (``tokens``, ``tokens_seen``, ``train/tokens`` or ``num_tokens``; else
+estimated from ``tokens_per_s`` x time, else ``step x run.json tokens_per_step[stage]``, each named in
+``flops_token_sources``); MoE ``moe/layer{l}/expert{e}_load``; DPO ``rewards/margins``,
 ``rewards/accuracies``, ``kl`` and held-out versions ``<name>/rewards/margins`` ...; forgetting probe
 ``probe/pretrain_loss``, ``probe/sft_loss``.
 
@@ -28,8 +34,20 @@ Markdown shows, under the same names):
       metrics per example; losses token-weighted per item), then mean ± std of the per-seed differences;
     * forgetting: held-out pretraining and SFT loss of the DPO checkpoint minus the SFT checkpoint, paired
       over the same items (positive = forgetting), per arm and seed, and across seeds;
-    * routing (MoE): per-layer load fractions, max-violation (max load / mean load - 1), router entropy
-      on held-out pretraining text, averaged over seeds.
+    * routing (MoE): per-layer load fractions, max-violation (max load / mean load - 1), mean per-token
+      router entropy, near-dead experts (below 10% of the uniform load) on held-out pretraining text,
+      averaged over seeds; ``routing_training``: near-dead experts of the last logged training window;
+    * ``headline``: bpc (pretraining text, SFT answers), centred multiple-choice accuracy per task, form
+      rate, line rate, repetition rate (and the reference answers' rate) per arm and stage, the metric
+      table's values and CIs; paired differences between arms are in ``comparisons`` (``bpc_*``,
+      ``mc_acc/<task>``, ``form_rate``, ``line_rate``, ``repetition_rate``);
+    * ``floors``: the default job's floors on every arm's SFT checkpoint (value, CI, threshold, met);
+    * ``compute``: per arm, seed and stage ``train_s``, ``wall_s``, ``tokens``, ``tokens_per_s``, ``flops``
+      (with their sources), ``by_arm`` sums and the ratios to the baseline ("matched in FLOPs per token,
+      X.Xx in measured time");
+    * ``dpo_shared``: reward accuracy of each arm's DPO checkpoint against its SFT checkpoint on the one
+      shared held-out pair set (:mod:`evaluation.pairs`), with CIs and paired differences between arms;
+    * ``samples``: per evaluation one answer per task and two verse answers per task.
 Training FLOPs = tokens seen x FLOPs per token (``model.parameter_report``: 6 x active matmul parameters
 + 6 x layers x seq_len x hidden), from the checkpoint config.
 """
