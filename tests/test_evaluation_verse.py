@@ -36,12 +36,14 @@ def test_correct_wuyan_jueju_scores_one_and_the_degenerate_string_zero():
 
 def test_degeneration_flags_repetition_and_not_a_real_poem():
     d = degeneration("这，这，这，")
-    assert d["degenerate"] and d["repetition_rate"] == 0.5 and d["distinct_1"] == pytest.approx(1 / 3)
+    assert d["degenerate"] and d["repetition_rate"] == pytest.approx(3 / 5) and d["distinct_1"] == pytest.approx(2 / 6)
+    commas = degeneration("，，，，，，，，")  # an answer of punctuation only repeats too
+    assert commas["degenerate"] and commas["repetition_rate"] == pytest.approx(6 / 7)
     assert degeneration(DEGENERATE)["degenerate"]
     assert degeneration("这首诗的作者是唐代的代的代的《《《")["degenerate"]
     good = degeneration(JINGYESI)
-    assert not good["degenerate"] and good["repetition_rate"] == pytest.approx(1 / 19)
-    assert good["distinct_2"] == pytest.approx(18 / 19) and good["distinct_1"] == pytest.approx(17 / 20)
+    assert not good["degenerate"] and good["repetition_rate"] == pytest.approx(1 / 23)  # 明月 twice
+    assert good["distinct_2"] == pytest.approx(22 / 23) and good["distinct_1"] == pytest.approx(19 / 24)
     assert degeneration("")["degenerate"]
 
 
