@@ -174,7 +174,7 @@ def render_markdown(rep: dict) -> str:
         v, ci = _cell(row)
         L.append(f"| {row['arm']} | {row['stage']} | {row['metric']} | {v} | {ci} | "
                  f"{', '.join(sorted(row['per_seed'], key=int))} |")
-    L += ["", "## Training", "", "| arm | seed | stage | last step | last training loss | last validation losses |",
+    L += ["", "## Training", "", "| arm | seed | stage | last step | last training loss | last validation losses (and bits/char) |",
           "| --- | --- | --- | --- | --- | --- |"]
     for t in rep["training"]:
         vals = ", ".join(f"{k[len('final_'):]} {fmt(v)}" for k, v in t.items() if k.startswith("final_") and "/" in k)

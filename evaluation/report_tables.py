@@ -477,7 +477,7 @@ class ReportTables:
         out = []
         for (arm, seed, stage), rows in sorted(self.logs.items()):
             train = [r for r in rows if r.get("loss") is not None and "step" in r]
-            vals = {k for r in rows for k in r if k.endswith("/loss") and not k.startswith(("probe/", "loss/"))}
+            vals = {k for r in rows for k in r if k.endswith(("/loss", "/bpc")) and not k.startswith(("probe/", "loss/"))}
             rec = {"arm": arm, "seed": seed, "stage": stage, "n_logged": len(rows),
                    "final_step": train[-1]["step"] if train else None,
                    "final_train_loss": float(train[-1]["loss"]) if train else None}

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from evaluation import report as report_mod
+from evaluation.bpc import HeldoutBPC
 from evaluation.evaluate import evaluate_checkpoint
 from evaluation.heldout import items_loss, pretrain_items
 from evaluation.metrics import paired_bootstrap, paired_ratio_bootstrap, seed_summary
@@ -135,6 +136,9 @@ def build_run(run_dir: Path, tok, seeds=(0, 1)) -> Path:
                 _ce_steps(model, items, 2, rows, 0)
                 val = pre_val if stage == "pretrain" else sft_val
                 rows.append({"step": 2, "epoch": 2, "val/loss": items_loss(model, val, 8)["loss"]})
+                if stage == "pretrain":  # what the trainer logs beside val/loss (evaluation.bpc.HeldoutBPC)
+                    rows[-1]["val/bpc"] = HeldoutBPC(tok, data["pretrain_validation"], n=None, max_seq_len=64
+                                                     ).evaluate(model)["bpc"]
                 if stage == "pretrain":  # the trainer's cumulative FLOPs (sft: the report falls back to tokens)
                     for r in rows:
                         if "tokens" in r:
@@ -527,3 +531,14 @@ def test_dpo_on_the_shared_pair_set_matches_the_pair_files(tiny_run):
     assert len({frozenset(v) for v in ids.values()}) == 1
     (c,) = d["comparisons"]
     assert c["arm"] == "moe" and set(c["per_seed"]) == {"0", "1"}
+
+
+def test_trainer_bpc_is_reported_and_plotted(tiny_run):
+    run_dir, rep = tiny_run
+    for t in rep["training"]:
+        if t["stage"] == "pretrain":
+            rows = _jsonl(run_dir / "arms" / t["arm"] / f"seed{t['seed']}" / "pretrain" / "metrics.jsonl")
+            assert t["final_val/bpc"] == [r for r in rows if "val/bpc" in r][-1]["val/bpc"]
+    assert any(f["file"] == "figures/bpc_curves.png" for f in rep["figures"])
+    assert (run_dir / "figures" / "bpc_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "figures" / "headline.png").is_file()
