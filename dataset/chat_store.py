@@ -200,7 +200,7 @@ def _validate(directory: Path, key: str) -> dict | None:
 # --------------------------------------------------------------------------------------------- building
 
 
-def repeat_cached(encode_texts, max_chars: int = 32, max_entries: int = 4096):
+def repeat_cached(encode_texts, max_chars: int = 16, max_entries: int = 4096):
     """``encode_texts`` (``list[str] -> list[ids]``, a pure function of each text) that encodes each
     distinct text of a call once and remembers short ones across calls: the chat template's pieces
     (``"\n"``, ``"assistant\n"``, ...) are a third to a half of all texts and are encoded once."""
