@@ -40,7 +40,7 @@ from .errors import DataError, Report, check_on_error, missing_file, no_records
 from .prepare import check_conversations, to_canonical_pair
 
 __all__ = ["ChatEncoder", "IGNORE_INDEX", "PretrainDataset", "SFTDataset", "PreferenceDataset", "pad_token_id",
-           "read_sidecar", "scan_max_id", "training_dataset", "add_data_args", "TextWindows", "document_windows",
+           "read_sidecar", "scan_max_id", "training_dataset", "add_data_args", "or_exit", "TextWindows", "document_windows",
            "window_item", "window_starts"]
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a .bin for out-of-range ids
 FULL_SCAN_MAX_TOKENS = 1 << 28  # verify="auto": scan every id of files up to 256M tokens
@@ -200,6 +200,8 @@ class PretrainDataset(Dataset):
             raise DataError(f"file size {size} is not a multiple of {self.dtype.itemsize} ({self.dtype.name})",
                             file=self.path, reason="sidecar_mismatch")
         self.num_tokens = size // self.dtype.itemsize
+        if self.num_tokens == 0:
+            raise DataError("empty file (0 tokens): rebuild it with 3.pretrain.py", file=self.path, reason="empty_file")
         if "num_tokens" in self.meta and int(self.meta["num_tokens"]) != self.num_tokens:
             raise DataError(f"sidecar says {self.meta['num_tokens']} tokens, the file holds {self.num_tokens}",
                             file=self.path, reason="sidecar_mismatch")
@@ -419,6 +421,15 @@ def add_data_args(parser) -> None:
                         help="where the tokenised data store is kept [<data file>.mateconv-cache/ beside it]")
     parser.add_argument("--data_workers", type=int, default=default_workers(),
                         help="processes that tokenise the data on its first use (one per core, up to 8)")
+
+
+def or_exit(what: str, build, *args, **kw):
+    """``build(*args, **kw)`` for a stage script: a :class:`DataError` ends the run with its located
+    message and no traceback (``SystemExit``: "error: <what>: <file>:<line>: ...")."""
+    try:
+        return build(*args, **kw)
+    except DataError as e:
+        raise SystemExit(f"error: {what}: {e}") from None
 
 
 def training_dataset(cls, path, tokenizer, args, *, what: str = "data", log=None, **kw):

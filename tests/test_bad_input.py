@@ -353,3 +353,14 @@ def test_trainer_run_dir_is_checked(tmp_path, script):
                       preexec_fn=_no_dac_override)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert "error: run directory" in r.stderr and words in r.stderr, r.stderr[-3000:]
+
+
+def test_empty_bin_is_a_message_in_stage_4(tmp_path, tok):
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    empty.with_suffix(".json").write_text(json.dumps({"dtype": "uint16"}))
+    with pytest.raises(DataError, match=re.escape(f"{empty}: empty file (0 tokens)")):
+        PretrainDataset(empty, 8, tok)
+    r = run_stage("4.pretrain.py", "--data_path", empty, "--out_dir", tmp_path / "out", "--max_steps", 1)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"error: pretraining data: {empty}: empty file (0 tokens): rebuild it with 3.pretrain.py" in r.stderr

@@ -194,7 +194,7 @@ class PretrainTask(LMTask):
                                                       "data/embedded/pretrain_validation.jsonl")
 
     def build_datasets(self, args, tokenizer):
-        from dataset.datasets import PretrainDataset
+        from dataset.datasets import PretrainDataset, or_exit
 
         path = Path(args.data_path or DEFAULT_PRETRAIN_BIN)
         if not path.is_file() and not args.data_path:
@@ -203,12 +203,12 @@ class PretrainTask(LMTask):
             raise FileNotFoundError(
                 f"pretraining data {path} not found: build it first with `python 3.pretrain.py` "
                 f"(embedded corpus -> data/pretrain/pretrain_{{train,validation}}.bin), or pass --data_path")
-        train = PretrainDataset(path, args.max_seq_len, tokenizer)
+        train = or_exit("pretraining data", PretrainDataset, path, args.max_seq_len, tokenizer)
         evals = {}
         eval_path = Path(args.eval_data_path) if args.eval_data_path else \
             path.with_name(path.name.replace("_train", "_validation"))
         if eval_path != path and eval_path.is_file():
-            evals["val"] = PretrainDataset(eval_path, args.max_seq_len, tokenizer)
+            evals["val"] = or_exit("pretraining validation data", PretrainDataset, eval_path, args.max_seq_len, tokenizer)
         return train, evals
 
 
