@@ -178,7 +178,7 @@ def load_model_weights(model, ckpt: Path) -> None:
 
 
 class ResumeError(SystemExit):
-    """``--resume`` cannot continue; the message is printed without a traceback (exit status 2)."""
+    """``--resume`` cannot continue; the message is printed without a traceback (exit status 1)."""
 
     def __init__(self, message: str):
         self.message = message

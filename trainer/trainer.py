@@ -426,7 +426,7 @@ class Trainer:
         self.run_name = a.run_name or f"{self.task.name}_{self.model_tag}"
         self.run_dir = Path(a.out_dir) / self.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
-        ckpt_lib.check_run_dir(self.run_dir)  # before any work: one message, exit 2
+        ckpt_lib.check_run_dir(self.run_dir)  # before any work: one message, exit status 1
         self.resume_from = None
         if a.resume:  # the newest intact checkpoint (damaged ones are named and passed over), or exit 2
             self.resume_from = ckpt_lib.resume_checkpoint(self.ckpt_root, a.resume, warn=self.log_pending.append)
