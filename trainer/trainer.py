@@ -634,11 +634,11 @@ class Trainer:
         a, accum = self.args, self.args.accumulation_steps
         t_step = self._probe_step_time()
         left = budget_s - (time.time() - self.t_launch)
-        # an evaluation batch is a forward pass: about 1/3 of a training micro-batch of the same size
+        # an evaluation batch is a forward pass: about half a training micro-batch of the same size on CPU
         n_eval = sum(len(self.eval_loader(ds)) for ds in self.eval_datasets.values())
         if self.bpc is not None:
             n_eval += -(-len(self.bpc.items) // max(1, self.dist.world_size * self.bpc.batch_size))
-        t_eval = n_eval * t_step / accum / 3
+        t_eval = n_eval * t_step / accum / 2
         per_step = t_step + (t_eval / a.eval_interval if a.eval_interval else 0.0)
         steps = max(1, int((left - t_eval) / per_step))
         if cap:
