@@ -275,6 +275,11 @@ class HeldoutBPC:
                 f"{s['n_chars']} chars, {s['n_tokens']} scored tokens, from {s['file'] or 'a list'}"
                 + (f"; collections: {cols}" if "(no id)" not in s["collections"] else ""))
 
+    def n_forward_passes(self, world_size: int = 1) -> int:
+        """Forward passes per rank of one :meth:`evaluate` (the same on every rank)."""
+        per_rank = math.ceil(len(self.items) / world_size)
+        return math.ceil(per_rank / self.batch_size)
+
     @torch.no_grad()
     def evaluate(self, model, device=None, autocast=None, rank: int = 0, world_size: int = 1,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, per_text: bool = False) -> dict:
@@ -283,7 +288,8 @@ class HeldoutBPC:
         ``device``: where batches go (default: the model's). ``autocast``: a context-manager factory
         (e.g. ``trainer.autocast``) or ``None``. Distributed: each rank scores items ``rank::world_size`` and
         ``all_reduce`` (a sum over ranks of a float64 tensor, e.g. ``trainer.distributed.all_reduce_sum``)
-        combines the sums, so every rank returns the same numbers."""
+        combines the sums, so every rank returns the same numbers; every rank runs the same number of
+        forward passes (``n_forward_passes``)."""
         was_training = model.training
         model.eval()
         device = device or next(model.parameters()).device
@@ -291,10 +297,13 @@ class HeldoutBPC:
         text_nll = torch.zeros(self.n_texts, dtype=torch.float64)
         text_tok = torch.zeros(self.n_texts, dtype=torch.float64)
         mine = self.items[rank::world_size]
+        # every rank runs the same number of forward passes (sharded engines such as ZeRO-3 gather
+        # parameters in each one): a rank with fewer items repeats its first one and discards the result
+        n_batches = self.n_forward_passes(world_size)
         try:
-            for start in range(0, len(mine), self.batch_size):
-                chunk = mine[start:start + self.batch_size]
-                batch = self._collate([it for _, it in chunk])
+            for b in range(n_batches):
+                chunk = mine[b * self.batch_size:(b + 1) * self.batch_size]
+                batch = self._collate([it for _, it in (chunk or self.items[:1])])
                 ids, tgt, mask = (batch[k].to(device) for k in ("input_ids", "targets", "attention_mask"))
                 with ctx():
                     logits = model(input_ids=ids, attention_mask=mask).logits

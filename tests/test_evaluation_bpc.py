@@ -170,3 +170,28 @@ def test_router_entropy_differs_from_load_entropy_on_a_real_moe():
         assert 0 < lay["expert_load_entropy"] <= math.log(4) + 1e-9
         assert lay["router_entropy"] != pytest.approx(lay["expert_load_entropy"])
     assert "moe/layer0/router_entropy" in flat_routing_metrics(st)
+
+
+def test_sharded_evaluation_sums_to_the_whole_and_every_rank_runs_the_same_passes(tok):
+    model = _model()
+    texts = TEXTS * 3 + ["春眠不觉晓", "夜来风雨声"]  # 11 items: 6 + 5 over 2 ranks, batches of 5
+    bpc = HeldoutBPC(tok, texts, n=None, max_seq_len=128, batch_size=5)
+    whole = bpc.evaluate(model, per_text=True)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        parts = []
+        for rank in (0, 1):
+            calls.clear()
+            parts.append(bpc.evaluate(model, rank=rank, world_size=2, per_text=True))
+            assert len(calls) == bpc.n_forward_passes(2) == 2
+    finally:
+        handle.remove()
+    summed = [a + b for a, b in zip(parts[0]["text_nll"], parts[1]["text_nll"])]
+    assert summed == pytest.approx(whole["text_nll"], rel=1e-5)
+    assert [a + b for a, b in zip(parts[0]["text_tokens"], parts[1]["text_tokens"])] == whole["text_tokens"]
+    # with the all-reduce (here: the sum of the two ranks' tensors) every rank returns the whole
+    other = torch.cat([torch.tensor(parts[1]["text_nll"], dtype=torch.float64),
+                       torch.tensor(parts[1]["text_tokens"], dtype=torch.float64)])
+    out = bpc.evaluate(model, rank=0, world_size=2, all_reduce=lambda t: t + other)
+    assert out["bpc"] == pytest.approx(whole["bpc"], rel=1e-5) and out["n_tokens"] == whole["n_tokens"]
