@@ -15,8 +15,13 @@ Metrics (SQuAD / ROUGE conventions):
     * :func:`token_f1`: bag-of-tokens overlap (multiset intersection) precision, recall, F1;
     * :func:`rouge_l`: LCS precision = LCS/len(pred), recall = LCS/len(ref), F1 (beta = 1);
     * both empty -> 1.0, exactly one empty -> 0.0;
+    * Token-F1 and ROUGE-L differ only in order: a bag of tokens vs the longest common subsequence, so
+      they are equal whenever the shared tokens come in the same order (typical of short template answers,
+      which is why they often coincide; the report shows the score of the template alone beside them);
     * :func:`exact_match`: normalised equality; :func:`answer_in_prediction`: the normalised reference
-      is a substring of the normalised prediction (for answers wrapped in a sentence).
+      is a substring of the normalised prediction (for answers wrapped in a sentence); the report's
+      ``task_accuracy`` is its mean over exact-answer examples (one rule, one name);
+    * :func:`rouge_l` with ``level="char"`` is also the preference judge's ROUGE-L (``prefs.judges``).
 
 Intervals:
     * :func:`bootstrap_mean_ci`: percentile bootstrap of one mean over examples;
