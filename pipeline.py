@@ -55,6 +55,11 @@ class Budget:
     eval_new_tokens: int
     eval_interval: int
     log_interval: int
+    bpc_items: int = 200
+    mc_items: int = 100
+    verse_examples: int = 40
+    verse_new_tokens: int = 64
+    pairs_items: int = 100
     pretrain_steps: int = 0  # > 0: a step budget instead of minutes
     sft_steps: int = 0
     dpo_steps: int = 0
@@ -78,8 +83,10 @@ def budget_for(minutes: float, n_units: int) -> Budget:
     scale = min(8.0, max(0.5, minutes / DEFAULT_MINUTES))  # counts grow with the budget, up to 8x
     return Budget(max_seq_len=128, pretrain_batch=16, sft_batch=16, dpo_batch=8,
                   pref_prompts=int(240 * scale), pref_eval_prompts=int(120 * min(scale, 2.0)),
-                  eval_examples=int(120 * min(scale, 3.0)), eval_items=int(200 * min(scale, 3.0)),
+                  eval_examples=int(40 * min(scale, 3.0)), eval_items=int(200 * min(scale, 3.0)),
                   eval_new_tokens=48, eval_interval=0, log_interval=20,
+                  bpc_items=int(200 * min(scale, 5.0)), mc_items=int(min(200, 100 * scale)),
+                  verse_examples=int(40 * min(scale, 3.0)), verse_new_tokens=64, pairs_items=int(100 * min(scale, 3.0)),
                   pretrain_minutes=round(unit * TIME_SHARES["pretrain"], 2),
                   sft_minutes=round(unit * TIME_SHARES["sft"], 2), dpo_minutes=round(unit * TIME_SHARES["dpo"], 2))
 
@@ -87,6 +94,7 @@ def budget_for(minutes: float, n_units: int) -> Budget:
 QUICK = Budget(max_seq_len=64, pretrain_steps=20, pretrain_batch=8, sft_steps=10, sft_batch=8,
                pref_prompts=24, pref_eval_prompts=16, dpo_steps=6, dpo_batch=4,
                eval_examples=16, eval_items=24, eval_new_tokens=16, eval_interval=10, log_interval=2,
+               bpc_items=32, mc_items=16, verse_examples=4, verse_new_tokens=24, pairs_items=16,
                sft_train_limit=2000)
 
 
@@ -276,7 +284,9 @@ class Pipeline:
                 "--data_dir", self.embedded, "--pretrain_file", self.data_dir / "pretrain" / "pretrain_test.bin"
                 if (self.data_dir / "pretrain" / "pretrain_test.bin").exists() else self.embedded / "pretrain_test.jsonl",
                 "--max_examples", b.eval_examples, "--max_items", b.eval_items, "--batch_size", 16,
-                "--max_new_tokens", b.eval_new_tokens,
+                "--max_new_tokens", b.eval_new_tokens, "--bpc_items", b.bpc_items, "--mc_items", b.mc_items,
+                "--verse_examples", b.verse_examples,
+                "--verse_new_tokens", b.verse_new_tokens, "--pairs_items", b.pairs_items,
                 "--max_seq_len", b.max_seq_len, "--seed", seed, "--out", out], out.with_suffix(".done"))
 
     def stage_report(self) -> None:
