@@ -57,7 +57,7 @@ def _args(data: Path, out: Path, batch_size: int, *extra) -> list[str]:
             "--max_steps", str(STEPS), "--max_seq_len", "32", "--batch_size", str(batch_size),
             "--accumulation_steps", "2", "--warmup_iters", "3", "--learning_rate", "2e-3",
             "--log_interval", "1", "--save_interval", "1000", "--eval_interval", "0", "--eval_batches", "2",
-            "--dtype", "float32", "--num_workers", "0", *extra]
+            "--dtype", "float32", "--num_workers", "0", "--optimizer", "adamw", *extra]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -295,6 +295,7 @@ def _wandb_history_keys(run_path: Path) -> set[str]:
 def test_deepspeed_muon_trains_and_resumes_exactly(data, tmp_path):
     """--optimizer muon under the deepspeed launcher uses DeepSpeed's own Muon; its checkpoint resumes exactly."""
     base = _args(data, tmp_path, 2, "--deepspeed", "ds_config.json", "--optimizer", "muon", "--save_interval", "2")
+    assert base.count("--optimizer") == 2  # the later flag wins
     base[base.index("--max_steps") + 1] = "4"
     run_ok(launch_cmd("deepspeed") + base + ["--run_name", "full"])
     mid = tmp_path / "full" / "checkpoints" / "step_0000002"

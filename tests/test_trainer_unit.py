@@ -66,6 +66,7 @@ def test_flags_original_names_and_stage_defaults():
     assert (sft.learning_rate, sft.accumulation_steps, sft.batch_size) == (2e-5, 1, 32)
     cpu = fill_defaults(parse_args(PretrainTask(), ["--batch_size", "7"]), PretrainTask(), on_cpu=True)
     assert cpu.batch_size == 7 and cpu.max_steps == PretrainTask.cpu_defaults["max_steps"]
+    assert (cpu.optimizer, args.optimizer, sft.optimizer) == ("muon", "adamw", "adamw")  # the measured CPU recipe
     assert set(COMMON_DEFAULTS) >= {"epochs", "batch_size", "learning_rate", "max_steps", "seed"}
     assert SFTTask.init_from_stage == "pretrain" and PretrainTask.init_from_stage is None
 
@@ -386,7 +387,7 @@ def _resume_exactly(small_bin, tmp_path, *extra, steps=6):
 
 
 def test_muon_resume_is_exact(small_bin, tmp_path):
-    recs = _resume_exactly(small_bin, tmp_path, "--optimizer", "muon", "--muon_lr", "0.02")
+    recs = _resume_exactly(small_bin, tmp_path, "--optimizer", "muon", "--muon_lr", "0.02", "--learning_rate", "1e-3")
     assert all("lr_muon" in r for r in recs.values())
     assert recs[1]["lr_muon"] / recs[1]["lr"] == pytest.approx(0.02 / 1e-3)
     st = json.loads((tmp_path / "full" / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
@@ -397,8 +398,8 @@ def test_muon_resume_is_exact(small_bin, tmp_path):
     from trainer import PretrainTask, run
 
     with pytest.raises(ValueError, match="optimizer muon vs adamw"):
-        run(PretrainTask(), _guard_args(small_bin, tmp_path, "--run_name", "other", "--resume",
-                                        str(tmp_path / "full" / "checkpoints" / "step_0000003")))
+        run(PretrainTask(), _guard_args(small_bin, tmp_path, "--run_name", "other", "--optimizer", "adamw",
+                                        "--resume", str(tmp_path / "full" / "checkpoints" / "step_0000003")))
 
 
 def test_max_minutes_fixes_the_steps_and_resume_keeps_them(small_bin, tmp_path):
