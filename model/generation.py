@@ -368,19 +368,25 @@ def iter_decode(
         can_select = getattr(stepper, "can_select", lambda: True)()
         logits = stepper.logits
         active = list(range(b))  # batch position -> row
+        any_cancel = any(ev is not None for ev in cancels)
+        one_setting = all(s is sampling[0] for s in sampling)  # e.g. one request, or the tensor API
         for _ in range(n_steps):
-            for i in active:
-                ev = cancels[i]
-                if ev is not None and not state.done[i] and ev.is_set():
-                    state.finish(i, "cancelled")
+            if any_cancel:
+                for i in active:
+                    ev = cancels[i]
+                    if ev is not None and not state.done[i] and ev.is_set():
+                        state.finish(i, "cancelled")
             if all(state.done[i] for i in active):
                 return
-            groups: dict[tuple, list[int]] = {}
-            for pos, i in enumerate(active):
-                if not state.done[i]:
-                    s = sampling[i]
-                    key = ("greedy",) if s.greedy else (s.temperature, s.top_p, id(s.generator))
-                    groups.setdefault(key, []).append(pos)
+            if one_setting:  # rows sharing one Sampling draw together: no grouping needed
+                groups = {0: [pos for pos, i in enumerate(active) if not state.done[i]]}
+            else:
+                groups = {}
+                for pos, i in enumerate(active):
+                    if not state.done[i]:
+                        s = sampling[i]
+                        key = ("greedy",) if s.greedy else (s.temperature, s.top_p, id(s.generator))
+                        groups.setdefault(key, []).append(pos)
             tok_list = [pad] * len(active)
             for positions in groups.values():
                 s = sampling[active[positions[0]]]
