@@ -94,3 +94,29 @@ def test_seeded_sampling_server_and_prefs_agree_alone_or_batched(ckpt, served):
         Request([prompt], n=3, max_tokens=MAX_NEW, temperature=0.9, top_p=0.95, seed=seed)])[1][0]
     assert [c.token_ids for c in alone] == [c.token_ids for c in both]
     assert [c.text for c in alone] == texts
+
+
+def test_layering_no_trainer_below_the_stage_scripts_and_no_serving_in_evaluation():
+    """Every import statement (module level or inside a function) of the packages below the stage scripts:
+    none imports the trainer; evaluation does not import serving."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(pkg):
+        for f in sorted((root / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    yield from ((f, a.name) for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    yield f, node.module
+
+    def top(name):
+        return name.split(".")[0]
+
+    found = [(f.relative_to(root), m) for pkg in ("tokenizer", "model", "dataset", "evaluation", "prefs", "serving")
+             for f, m in imports(pkg) if top(m) == "trainer"]
+    found += [(f.relative_to(root), m) for f, m in imports("evaluation") if top(m) in ("serving", "prefs")]
+    assert not found, found
+    assert any(m == "model.loading" for _, m in imports("evaluation"))  # the check sees lazy imports too
