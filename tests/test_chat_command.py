@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tests.launchers import ROOT, subprocess_env
+from tests.tiny_models import save_tiny_checkpoint
 
 QUESTION = "床前明月光的下一句是什么？"
 MAX_NEW = 10
@@ -18,20 +18,7 @@ MAX_NEW = 10
 
 @pytest.fixture(scope="module", params=["mateconv-tiny", "mateconv-moe-tiny"])
 def ckpt(request, tmp_path_factory):
-    from model import MateConvForCausalLM, get_config
-    from tokenizer import load_tokenizer
-
-    path = tmp_path_factory.mktemp(request.param)
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    model = MateConvForCausalLM(get_config(request.param, vocab_size=len(tok)))
-    with torch.no_grad():  # larger weights than the init: varied tokens
-        for n, p in model.named_parameters():
-            if "norm" not in n and p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=0)
 
 
 def expected_answer(ckpt, messages, max_new=MAX_NEW) -> str:
@@ -122,19 +109,9 @@ def test_bad_model_path_is_one_clear_line(tmp_path):
 
 
 def test_exported_native_model(tmp_path):
-    from model import MateConvForCausalLM, get_config
     from model.export import main as export_main
-    from tokenizer import load_tokenizer
 
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    model = MateConvForCausalLM(get_config("mateconv-tiny", vocab_size=len(tok)))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" not in n and p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(tmp_path / "ours")
-    tok.save_pretrained(tmp_path / "ours")
+    save_tiny_checkpoint(tmp_path / "ours", "mateconv-tiny", seed=0)
     export_main(["--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "native")])
     p = subprocess.run(_cmd(tmp_path / "native", "--prompt", QUESTION), cwd=ROOT, env=subprocess_env(),
                        capture_output=True, text=True, timeout=300)

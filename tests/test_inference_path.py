@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 
 from evaluation.evaluate import load_checkpoint
 from evaluation.generate_eval import generate_answers, greedy_generate
-from model import get_config, load
+from model import load
 from model.generation import Request, decode, generate_requests
 from prefs.generators import LocalGenerator, Prompt
 from serving.app import create_app
 from serving.background import BackgroundServer
-from tokenizer import load_tokenizer
+from tests.tiny_models import save_tiny_checkpoint
 from tokenizer.chat import encode_chat
 
 MSGS = [{"role": "user", "content": "请写一首关于春天的诗。"}]
@@ -24,19 +23,7 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module", params=["mateconv-tiny", "mateconv-moe-tiny"])
 def ckpt(request, tmp_path_factory):
-    from model import MateConvForCausalLM
-
-    path = tmp_path_factory.mktemp(request.param)
-    tok = load_tokenizer(None)
-    torch.manual_seed(3)
-    model = MateConvForCausalLM(get_config(request.param, vocab_size=len(tok)))
-    with torch.no_grad():  # larger weights than the init: varied tokens, not one repeated token
-        for n, p in model.named_parameters():
-            if "norm" not in n and p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=3)
 
 
 @pytest.fixture(scope="module")
