@@ -179,7 +179,7 @@ class PretrainTask(LMTask):
     cpu_defaults = {"batch_size": 16, "accumulation_steps": 1, "max_seq_len": 128, "max_steps": 200,
                     "optimizer": "muon", "muon_lr": 0.02, "learning_rate": 3e-3, "warmup_ratio": 0.05,
                     "num_workers": 0, "log_interval": 20, "save_interval": 100, "eval_interval": 200,
-                    "eval_batches": 10, "bpc_samples": 100}
+                    "eval_batches": 5, "bpc_samples": 100}
     pass_attention_mask = False  # full windows: no padding, the causal mask is enough
 
     @staticmethod
