@@ -202,7 +202,7 @@ class Pipeline:
         b = self.budget
         flags = ["--max_seq_len", b.max_seq_len, "--seed", seed, "--log_interval", b.log_interval,
                  "--eval_interval", b.eval_interval, "--save_interval", 10_000, "--device", "cpu"
-                 if self.args.cpu else "auto"]
+                 if self.args.cpu else "auto", "--overwrite"]  # a stage without its stamp starts afresh
         if self.args.num_threads:
             flags += ["--num_threads", self.args.num_threads]
         return flags
