@@ -223,8 +223,7 @@ class Pipeline:
             "4.pretrain.py", "--model", ARMS[arm], "--out_dir", d, "--run_name", "pretrain",
             "--data_path", self.data_dir / "pretrain" / "pretrain_train.bin",
             *self.limit_flags("pretrain"), "--batch_size", b.pretrain_batch, "--accumulation_steps", 1,
-            "--learning_rate", 3e-3, "--warmup_ratio", 0.05,
-            *self.common_train_flags(seed)), d / "pretrain" / ".done")
+            *self.common_train_flags(seed)), d / "pretrain" / ".done")  # the trainer's CPU recipe (Muon + AdamW)
 
     def sft_train_file(self) -> Path:
         """The SFT train split, or (quick runs) a prefix of it, so tokenizing 85k conversations is not timed."""
