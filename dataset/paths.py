@@ -43,13 +43,18 @@ def _check_parents(path: Path, what: str, start: Path) -> Path:
     base = _nearest_existing(start)
     if not base.is_dir():
         raise OutputPathError(f"{what} {path}: {base} is a file, not a directory", path)
+    _probe_writable(base, path, f"{what} {path}: directory {base}")
+    return base
+
+
+def _probe_writable(directory: Path, path: Path, subject: str) -> None:
+    """Create and remove a file in ``directory`` (permission bits alone miss read-only mounts and ACLs)."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".mateconv-write-probe-", dir=base)
+        fd, probe = tempfile.mkstemp(prefix=".mateconv-write-probe-", dir=directory)
     except OSError as e:
-        raise OutputPathError(f"{what} {path}: directory {base} is not writable ({e.strerror or e})", path) from None
+        raise OutputPathError(f"{subject} is not writable ({e.strerror or e})", path) from None
     os.close(fd)
     os.unlink(probe)
-    return base
 
 
 def check_output_file(path, what: str = "output path") -> Path:
@@ -69,12 +74,7 @@ def check_output_dir(path, what: str = "output directory") -> Path:
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{what} {path} is a file; a directory is expected there", path)
     if path.is_dir():
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".mateconv-write-probe-", dir=path)
-        except OSError as e:
-            raise OutputPathError(f"{what} {path} is not writable ({e.strerror or e})", path) from None
-        os.close(fd)
-        os.unlink(probe)
+        _probe_writable(path, path, f"{what} {path}")
         return path
     _check_parents(path, what, path)
     return path
