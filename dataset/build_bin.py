@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, Report, check_on_error, no_records
-from .jsonl import Progress, atomic_open, check_file, ordered_map, parse_json_line, strip_bom
+from .jsonl import Progress, atomic_open, check_file, ordered_map, parse_json_line, read_byte_range, strip_bom
 from .paths import check_output_file
 
 _ENCODE = None
@@ -79,12 +79,7 @@ def encode_batch(task) -> tuple:
     ``start``): the parent sends offsets, not text, so no text is pickled between processes.
     """
     path, dtype, start, end, first_line = task
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    lines = data.split(b"\n")
-    if data.endswith(b"\n"):
-        lines.pop()
+    lines = read_byte_range(path, start, end)
     texts, errors = [], []
     for line, raw in enumerate(lines, start=first_line):
         raw = strip_bom(raw.rstrip(b"\r\n"), line)

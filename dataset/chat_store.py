@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .jsonl import check_file, ordered_map, parse_json_line, strip_bom
+from .jsonl import check_file, ordered_map, parse_json_line, read_byte_range, strip_bom
 
 STORE_FORMAT = 1
 NO_TARGET = np.iinfo(np.int32).max
@@ -238,12 +238,7 @@ def _init_worker(encoder, parse, seq_per_record, loss_on, in_pool):
 def encode_range(task):
     """Worker: ``(path, start, end, first_line)`` -> arrays of the records in bytes ``[start, end)``."""
     path, start, end, first_line = task
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    raw_lines = data.split(b"\n")
-    if data.endswith(b"\n"):
-        raw_lines.pop()
+    raw_lines = read_byte_range(path, start, end)
     parse = _W["parse"]
     convs, lines, errors, seen = [], [], [], 0
     for line, raw in enumerate(raw_lines, start=first_line):

@@ -43,6 +43,18 @@ def iter_raw_lines(path) -> Iterator[tuple[int, bytes]]:
             yield i, strip_bom(raw.rstrip(b"\r\n"), i)
 
 
+def read_byte_range(path, start: int, end: int) -> list[bytes]:
+    """The lines (without their ``\\n``) in bytes ``[start, end)`` of ``path``, a range of whole lines: how
+    worker processes read their part of a JSONL file themselves (the parent sends offsets, not text)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    return lines
+
+
 def decode_line(raw: bytes, path, line: int) -> str:
     try:
         return raw.decode("utf-8")
