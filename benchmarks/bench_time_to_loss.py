@@ -180,6 +180,18 @@ def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | No
     return None
 
 
+def value_at(curve: list[tuple[float, float]], t: float) -> float:
+    """The curve at time ``t`` (linear interpolation; the last point at or before ``t`` past the end)."""
+    before = [(a, v) for a, v in curve if a <= t]
+    after = [(a, v) for a, v in curve if a > t]
+    if not before:
+        return curve[0][1]
+    if not after:
+        return before[-1][1]
+    (t0, v0), (t1, v1) = before[-1], after[0]
+    return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=5.0, help="wall budget of each recipe")
@@ -242,9 +254,12 @@ def main(argv=None) -> None:
         for name, curve in curves.items():
             if name == "peer":
                 continue
-            diff = curve[-1][1] - peer_final
+            at = value_at(curve, budget) if budget else curve[-1][1]
+            diff = at - peer_final
             print(f"RATIO {name} bits/char at the {'budget' if budget else 'last step'} - peer = {diff:+.3f} "
-                  f"({curve[-1][1]:.3f} vs {peer_final:.3f}; negative: ours better)")
+                  f"({at:.3f} vs {peer_final:.3f}; negative: ours better"
+                  + (f"; ours' run took {curve[-1][0]:.0f} s, its last point {curve[-1][1]:.3f}" if budget else "")
+                  + ")")
             if budget:
                 t = time_to_reach(curve, peer_final)
                 print(f"RATIO {name} time to the peer's final bits/char / peer budget = "
