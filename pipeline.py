@@ -1,8 +1,8 @@
 """The main job: every MateConv stage on the embedded corpus, then the report.
 
-    python pipeline.py                     # dense vs compute-matched MoE, 1 seed, ~12 min on 2 CPU cores
+    python pipeline.py                     # dense vs compute-matched MoE, 1 seed, an 11-minute budget (2 CPU cores)
     python pipeline.py --minutes 60        # the same job with a 60-minute budget (time split the same way)
-    python pipeline.py --quick             # the same chain with tiny step budgets (CI smoke run, ~2 min)
+    python pipeline.py --quick             # the same chain with tiny step budgets (CI smoke run, about 2 min)
     python pipeline.py --seeds 3           # repeats; the report gives mean ± spread across seeds
     python pipeline.py --arms dense,moe,moe-0.1b --stages pretrain,sft
     python pipeline.py --force             # rerun stages that already finished
