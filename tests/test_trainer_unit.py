@@ -437,3 +437,18 @@ def test_thread_count_flag_env_then_free_cores(monkeypatch):
     assert 1 <= n <= cores and f"of {cores} cores free" in why
     n2, why2 = pick_num_threads(0, 2 * cores, sample_s=0.05)  # more local processes than cores: one each
     assert n2 == 1 and "local processes" in why2
+
+
+def test_max_minutes_clock_starts_with_a_fresh_process_else_with_the_trainer(monkeypatch):
+    # a command's budget includes interpreter start and imports; in a long-lived host (this pytest session, a
+    # notebook) the work done before the trainer started is not the run's (a 5-minute budget was once "spent")
+    import psutil
+
+    import trainer.trainer as tt
+
+    started = psutil.Process().create_time()
+    monkeypatch.setattr(tt, "FRESH_PROCESS_S", 1e9)
+    assert tt.budget_clock_start() == pytest.approx(started)
+    monkeypatch.setattr(tt, "FRESH_PROCESS_S", 0.0)
+    before = time.time()
+    assert before <= tt.budget_clock_start() <= time.time()
