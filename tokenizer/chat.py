@@ -41,6 +41,13 @@ ROLES = ("system", "user", "assistant")
 # chunk: (text, is_content, is_target)
 Chunk = tuple[str, bool, bool]
 
+# The one-call path (ChatEncoder._encode_flat_fast): markers standing for <s>, </s>, "a target starts"
+# and "a conversation ends" in the string rendered for a whole batch (private-use characters; a
+# conversation whose text holds one of them is encoded by the reference path).
+_M_BOS, _M_EOS, _M_SEP, _M_END = "\uf8f0", "\uf8f1", "\uf8f2", "\uf8f3"
+_SEP_RANK, _END_RANK = 0xFFFFFFF0, 0xFFFFFFF1  # past every real rank (dropped after encoding)
+_UNSET = object()
+
 _PLACEHOLDER = "\ue000MateConv{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000MateConv(\\d+)\ue001")
 _PROBES = (
@@ -98,6 +105,7 @@ class ChatEncoder:
         self._special_re = re.compile("|".join(map(re.escape, alts))) if alts else None
         self.end_tokens = sorted({self.eos, *self.special_ids}, key=len, reverse=True)
         self._encode_texts = encode_texts
+        self._fast = _UNSET  # the one-call path's state (built on first use), None where it does not apply
         self.use_template = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
         self._same_as_builtin = {False: True, True: True}
         if self.use_template:
@@ -110,6 +118,7 @@ class ChatEncoder:
     def __getstate__(self):  # the batch encoder is rebuilt in the process that uses it
         state = dict(self.__dict__)
         state["_encode_texts"] = None
+        state["_fast"] = _UNSET
         return state
 
     # -- rendering to chunks ---------------------------------------------------------------------
@@ -246,9 +255,9 @@ class ChatEncoder:
 
     # -- public ----------------------------------------------------------------------------------
 
-    def encode_many(self, conversations: Sequence[Sequence[dict]], loss_on: str = "all", *,
-                    add_generation_prompt: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Batch-encode conversations -> ``[(ids int64, loss mask bool)]`` (mask per ``loss_on``)."""
+    def _reference_many(self, conversations, loss_on: str, add_generation_prompt: bool = False
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The reference path: chunks -> runs -> one encoder call per text."""
         all_runs = []
         for conv in conversations:
             ch = self.chunks(conv, add_generation_prompt, loss_on)
@@ -257,9 +266,199 @@ class ChatEncoder:
             all_runs.append(self._runs(ch))
         return self._encode_runs(all_runs)
 
+    # -- the one-call path -----------------------------------------------------------------------
+    # For the built-in MateConv rendering through tokenizer.fast_encode, the reference path's texts
+    # are exactly the pieces of the rendered conversation between its markers and target
+    # boundaries, each encoded on its own (as plain text when it holds no special-token text; a
+    # text that does goes to the reference path). So a batch is rendered into one string with
+    # private-use markers for <s>, </s>, "a target starts here" and "a conversation ends here",
+    # encoded by one tiktoken call that cuts at the markers, and the markers give the ids of <s>
+    # and </s>, the loss mask and the lengths. The same ids and mask as the reference path, checked
+    # on probes when the state is built (and tested on varied conversations).
+
+    def _fast_state(self) -> dict | None:
+        if self._fast is not _UNSET:
+            return self._fast
+        self._fast = None
+        from .fast_encode import fast_encoder
+
+        enc, _ = fast_encoder(self.tok)
+        b, e = self.bos, self.eos
+        if enc is None or b not in self.special_ids or e not in self.special_ids \
+                or b not in enc.added_rank or e not in enc.added_rank:
+            return None
+        bos_r, eos_r = int(enc.added_rank[b][0]), int(enc.added_rank[e][0])
+        if int(enc.rank_to_id[bos_r]) != self.special_ids[b] or int(enc.rank_to_id[eos_r]) != self.special_ids[e]:
+            return None
+        texts = set(self.special_ids) | set(enc.added_rank)  # what the reference path treats specially
+        if any(m in t for t in texts for m in (_M_BOS, _M_EOS, _M_SEP, _M_END)):
+            return None
+        scan = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True))))
+        if any(scan.search(f"{r}\n") for r in ROLES):
+            return None
+        state = {
+            "enc": enc, "eos_rank": eos_r, "scan": scan,
+            "encode": enc.marked_encoder({_M_BOS: bos_r, _M_EOS: eos_r, _M_SEP: _SEP_RANK, _M_END: _END_RANK}),
+            "builtin": {k: not self.use_template or self._same_as_builtin[k] for k in (False, True)},
+        }
+        probes = [*_PROBES, [{"role": "user", "content": " 两个  空格\n\n"}, {"role": "assistant", "content": "\n答 "}],
+                  [{"role": "system", "content": ""}, {"role": "user", "content": "x"},
+                   {"role": "assistant", "content": ""}], []]
+        for loss_on in ("all", "last", "none"):
+            for gen in (False, True):
+                got = self._encode_flat_fast(state, probes, loss_on, gen)
+                want = self._reference_many(probes, loss_on, gen)
+                if got is None or not all(np.array_equal(a, w[0]) and np.array_equal(m, w[1])
+                                          for a, m, w in zip(*_split_flat(*got), want)):
+                    return None
+        self._fast = state
+        return state
+
+    def _render_fast(self, st: dict, conv, loss_on: str, gen: bool):
+        """``(text, (n_bos, n_eos, n_targets))`` of one conversation, or None for the reference path."""
+        try:
+            n = len(conv)
+            if n and not st["builtin"][conv[0].get("role") == "system"]:
+                return None
+        except (TypeError, AttributeError):
+            return None
+        last = -1
+        if loss_on == "last":
+            last = max((k for k, m in enumerate(conv) if type(m) is dict and m.get("role") == "assistant"), default=-1)
+        parts, targets = [], 0
+        for k, m in enumerate(conv):
+            if type(m) is not dict:
+                return None
+            r, c = m.get("role"), m.get("content")
+            if type(c) is not str or type(r) is not str or r not in ROLES:
+                return None
+            if r == "assistant" and (loss_on == "all" or k == last):
+                parts.append(f"{_M_BOS}assistant\n{_M_SEP}{c}{_M_EOS}\n")
+                targets += 1
+            else:
+                parts.append(f"{_M_BOS}{r}\n{c}{_M_EOS}\n")
+        if gen:
+            parts.append(f"{_M_BOS}assistant\n")
+        parts.append(_M_END)
+        return "".join(parts), (n + gen, n, targets)
+
+    @staticmethod
+    def _clean(st: dict, text: str, counts) -> bool:
+        """No special-token text and no marker in the content (markers only where they were put)."""
+        return (st["scan"].search(text) is None and text.count(_M_BOS) == counts[0]
+                and text.count(_M_EOS) == counts[1] and text.count(_M_SEP) == counts[2] and text.count(_M_END) == 1)
+
+    @staticmethod
+    def _decode(st: dict, ranks: np.ndarray):
+        """Ranks of rendered conversations -> ``(ids, mask, lengths)`` (markers dropped), or None
+        when a token needs Hugging Face (fast_encode's suspects: the reference path re-encodes)."""
+        sep = np.flatnonzero(ranks == _SEP_RANK)
+        end = np.flatnonzero(ranks == _END_RANK)
+        n = len(ranks)
+        mask = np.zeros(n, dtype=bool)
+        if len(sep):  # a target: after its marker, up to and including the </s> that closes it
+            eos = np.flatnonzero(ranks == st["eos_rank"])
+            close = eos[np.searchsorted(eos, sep)]
+            d = np.zeros(n + 1, dtype=np.int8)
+            d[sep + 1] = 1
+            d[close + 1] = -1
+            mask = np.cumsum(d[:n]) > 0
+        keep = ranks < _SEP_RANK
+        kept = ranks[keep]
+        enc = st["enc"]
+        if enc.has_suspects and enc.suspect[kept].any():
+            return None
+        before_end = end - np.arange(len(end)) - np.searchsorted(sep, end)
+        return enc.rank_to_id[kept], mask[keep], np.diff(before_end, prepend=0)
+
+    def _encode_flat_fast(self, st: dict, conversations, loss_on: str, gen: bool):
+        rendered = [self._render_fast(st, conv, loss_on, gen) for conv in conversations]
+        good = [r is not None for r in rendered]
+        texts = [r[0] for r in rendered if r is not None]
+        text = "".join(texts)
+        n_all = [sum(r[1][k] for r in rendered if r is not None) for k in range(3)]
+        if not (st["scan"].search(text) is None and text.count(_M_BOS) == n_all[0]
+                and text.count(_M_EOS) == n_all[1] and text.count(_M_SEP) == n_all[2]
+                and text.count(_M_END) == len(texts)):  # some content holds special text or markers
+            good = [r is not None and self._clean(st, *r) for r in rendered]
+            texts = [r[0] for r, g in zip(rendered, good) if g]
+            text = "".join(texts)
+        from .fast_encode import needs_lookahead
+
+        fast_idx = [k for k, g in enumerate(good) if g]
+        groups = []  # (conversation indices, ids, mask, lengths)
+        try:
+            if not fast_idx:
+                pass
+            elif not needs_lookahead(text):
+                out = self._decode(st, st["encode"](text, False))
+                if out is None:
+                    return None
+                groups.append((fast_idx, *out))
+            else:
+                la = [needs_lookahead(t) for t in texts]
+                for flag in (False, True):
+                    idx = [k for k, f in zip(fast_idx, la) if f == flag]
+                    if idx:
+                        out = self._decode(st, st["encode"]("".join(t for t, f in zip(texts, la) if f == flag), flag))
+                        if out is None:
+                            return None
+                        groups.append((idx, *out))
+        except UnicodeEncodeError:  # a lone surrogate: the reference path reports it
+            return None
+        slow = [k for k, g in enumerate(good) if not g]
+        if slow:
+            ref = self._reference_many([conversations[k] for k in slow], loss_on, gen)
+            groups.append((slow, np.concatenate([r[0] for r in ref]) if ref else np.zeros(0, np.int64),
+                           np.concatenate([r[1] for r in ref]) if ref else np.zeros(0, bool),
+                           np.fromiter((len(r[0]) for r in ref), dtype=np.int64, count=len(ref))))
+        if len(groups) == 1:
+            _, ids, mask, lengths = groups[0]
+            return ids.astype(np.int64, copy=False), mask, lengths.astype(np.int64, copy=False)
+        if not groups:
+            return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.int64)
+        per = [None] * len(conversations)
+        for idx, ids, mask, lengths in groups:
+            for k, a, m in zip(idx, *_split_flat(ids, mask, lengths)):
+                per[k] = (a, m)
+        return (np.concatenate([p[0] for p in per]).astype(np.int64, copy=False),
+                np.concatenate([p[1] for p in per]),
+                np.fromiter((len(p[0]) for p in per), dtype=np.int64, count=len(per)))
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def encode_flat(self, conversations: Sequence[Sequence[dict]], loss_on: str = "all", *,
+                    add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch-encode conversations -> ``(ids int64, loss mask bool, lengths int64)``, the sequences
+        one after another (what :meth:`encode_many` returns, concatenated)."""
+        if loss_on not in ("all", "last", "none"):
+            raise ValueError("loss_on must be 'all', 'last' or 'none'")
+        st = self._fast_state()
+        out = self._encode_flat_fast(st, conversations, loss_on, add_generation_prompt) if st else None
+        if out is not None:
+            return out
+        ref = self._reference_many(conversations, loss_on, add_generation_prompt)
+        if not ref:
+            return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.int64)
+        return (np.concatenate([r[0] for r in ref]), np.concatenate([r[1] for r in ref]),
+                np.fromiter((len(r[0]) for r in ref), dtype=np.int64, count=len(ref)))
+
+    def encode_many(self, conversations: Sequence[Sequence[dict]], loss_on: str = "all", *,
+                    add_generation_prompt: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Batch-encode conversations -> ``[(ids int64, loss mask bool)]`` (mask per ``loss_on``)."""
+        ids, mask, lengths = self.encode_flat(conversations, loss_on, add_generation_prompt=add_generation_prompt)
+        return list(zip(*_split_flat(ids, mask, lengths)))
+
     def encode_prompts(self, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool = True
                        ) -> list[list[int]]:
         """Batch version of :func:`encode_chat`."""
+        st = self._fast_state()
+        # (only where the built-in rendering is the template: a template that is not usable falls back
+        # to rendering the real text here, not to the built-in one as in encode_many)
+        out = self._encode_flat_fast(st, conversations, "none", add_generation_prompt) \
+            if st and all(st["builtin"].values()) else None
+        if out is not None:
+            return [ids.tolist() for ids in _split_flat(*out)[0]]
         all_runs = []
         for conv in conversations:
             ch = self.chunks(conv, add_generation_prompt, "none")
@@ -268,6 +467,13 @@ class ChatEncoder:
 
     def encode(self, messages: Sequence[dict], loss_on: str = "all") -> tuple[np.ndarray, np.ndarray]:
         return self.encode_many([messages], loss_on)[0]
+
+
+def _split_flat(ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> tuple[list, list]:
+    if not len(lengths):
+        return [], []
+    cuts = np.cumsum(lengths)[:-1]
+    return np.split(ids, cuts), np.split(mask, cuts)
 
 
 _ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
