@@ -17,7 +17,8 @@ Steps (each measurement in a fresh subprocess, so peak RSS is that of one start)
    ``--workers`` processes);
 5. ``start``: the new ``SFTDataset`` again (later starts: opens and verifies the store).
 
-(Run in the order 4, 5, 3.)
+(Run in the order 4, 5, 3; ``--reps N`` repeats that round N times and reports the medians.)
+``--one_core REPS`` measures per-core rates instead (see :func:`one_core`).
 
 Printed per step: seconds for the dataset construction, records/s, tokens/s, peak RSS of the
 process (``ru_maxrss``) and of its worker processes. A check on the first ``--check_rows`` rows
@@ -35,6 +36,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -270,6 +272,78 @@ def _check(data: Path, rows: int, max_seq_len: int, workdir: Path) -> dict:
     return {"check_rows": rows, "samples": len(old), "identical_items": bool(same)}
 
 
+def one_core(data: Path, max_seq_len: int, reps: int, workdir: Path) -> dict:
+    """Per-core rates, in this one process, alternating (load on the machine hits all alike; run it
+    pinned: ``taskset -c 1``): the old path; the new first build with 1 worker (no pool: the worker's
+    code in this process); and the tiktoken calls alone of each (the BPE bound): the old path's one call
+    per text piece, and the new path's one call per batch on the rendered batch."""
+    import statistics
+
+    from dataset.datasets import SFTDataset
+    from dataset.jsonl import iter_jsonl
+    from tokenizer import load_tokenizer
+    from tokenizer.chat import ChatEncoder
+    from tokenizer.fast_encode import fast_encoder, needs_lookahead
+
+    tok = load_tokenizer(None)
+    convs = [obj["conversations"] for _, obj in iter_jsonl(data)]
+    # the old path's tiktoken calls: its texts cut at the special tokens, one call per piece
+    fe, _ = fast_encoder(tok)
+    legacy = _LegacyEncoder(tok)
+    pieces = []
+    for c in convs:
+        for text, _ in legacy.pieces(c):
+            pieces += [p for p in fe.added_re.split(text) if p]
+    to_numpy = fe.encoding.encode_to_numpy
+    # the new path's: one call per batch of 512 conversations on the rendered batch
+    enc = ChatEncoder(tok)
+    st = enc._fast_state()
+    batches = []
+    for k in range(0, len(convs), 512):
+        text = "".join(enc._render_fast(st, c, "all", False)[0] for c in convs[k:k + 512])
+        batches.append((text, needs_lookahead(text)))
+    n_tokens = sum(len(st["encode"](t, f)) for t, f in batches) - len(convs)  # less the end markers
+
+    def t_old():
+        return _LegacySFTDataset(data, tok, max_seq_len).report.seen
+
+    def t_new():
+        cache = Path(tempfile.mkdtemp(prefix="one_core-", dir=workdir))
+        try:
+            return SFTDataset(data, tok, max_seq_len, on_error="skip", too_long="drop", workers=1,
+                              cache_dir=cache).report.seen
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def t_bpe_old():
+        for p in pieces:
+            to_numpy(p, disallowed_special=())
+
+    def t_bpe_new():
+        for t, f in batches:
+            st["encode"](t, f)
+
+    steps = {"old": t_old, "new_1_worker": t_new, "bpe_old_calls": t_bpe_old, "bpe_new_calls": t_bpe_new}
+    times: dict[str, list] = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up
+        fn()
+    for _ in range(reps):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n = len(convs)
+    res = {"records": n, "tokens": int(n_tokens), "tokens_per_record": round(n_tokens / n, 1), "reps": reps,
+           "old_calls": len(pieces), "new_calls": len(batches),
+           "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+           "records_per_s": {k: round(n / v) for k, v in med.items()},
+           "us_per_token": {k: round(v / n_tokens * 1e6, 4) for k, v in med.items()},
+           "new_vs_old_rate": round(med["old"] / med["new_1_worker"], 3),
+           "bound_new_vs_old_rate": round(med["old"] / med["bpe_new_calls"], 3)}
+    return res
+
+
 def _run_child(args: list[str]) -> dict:
     p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if p.returncode != 0:
@@ -288,6 +362,11 @@ def main() -> int:
     ap.add_argument("--max_seq_len", type=int, default=512)
     ap.add_argument("--check_rows", type=int, default=2000)
     ap.add_argument("--skip_old", action="store_true")
+    ap.add_argument("--reps", type=int, default=1, help="alternating rounds of build / later start / old [1]; "
+                    "the medians are reported")
+    ap.add_argument("--one_core", type=int, default=0, metavar="REPS",
+                    help="instead: per-core rates in one process, REPS alternating rounds of the old path, the new "
+                         "build with 1 worker and the tiktoken calls alone (run it under taskset -c 1)")
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_data", default=None, help=argparse.SUPPRESS)
@@ -317,25 +396,49 @@ def main() -> int:
           f"{data.stat().st_size / 1e9:.2f} GB (converted in {t_conv:.0f}s)", flush=True)
     res = {"rows": a.rows, "raw_bytes": raw.stat().st_size, "canonical_bytes": data.stat().st_size,
            "max_seq_len": a.max_seq_len, "cpu": _cpu()}
+    if a.one_core:
+        r = one_core(data, a.max_seq_len, a.one_core, work)
+        print(json.dumps(r, indent=1))
+        rate = r["records_per_s"]
+        print(f"RATIO one core: new build (1 worker) {r['new_vs_old_rate']}x the old path's rate ({rate['new_1_worker']:,} "
+              f"vs {rate['old']:,} records/s); the new path's tiktoken calls alone {rate['bpe_new_calls']:,} records/s "
+              f"({r['us_per_token']['bpe_new_calls']} us/token, {r['tokens_per_record']} tokens/record) = bound "
+              f"{r['bound_new_vs_old_rate']}x; the old path's calls alone {r['us_per_token']['bpe_old_calls']} us/token")
+        (work / "one_core.json").write_text(json.dumps(r, indent=2) + "\n")
+        return 0
     common = ["--_data", str(data), "--max_seq_len", str(a.max_seq_len), "--_cache_dir", str(cache)]
     res["check"] = _run_child(["--_check", "--workdir", str(work), *common, "--check_rows", str(a.check_rows)])
     print(f"check on the first {a.check_rows} rows: old and new items identical: {res['check']['identical_items']}",
           flush=True)
-    shutil.rmtree(cache, ignore_errors=True)
-    res["build"] = _run_child(["--_measure", "build", "--workers", str(a.workers), *common])
-    _print(res["build"], "new: first start (builds the store)")
-    res["start"] = _run_child(["--_measure", "start", "--workers", str(a.workers), *common])
-    _print(res["start"], "new: later start (opens the store)")
-    (work / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    rounds = []
+    for k in range(a.reps):  # alternating rounds: build, later start, old (load changes hit all of them)
+        shutil.rmtree(cache, ignore_errors=True)
+        r = {"load_before": round(os.getloadavg()[0], 2)}
+        r["build"] = _run_child(["--_measure", "build", "--workers", str(a.workers), *common])
+        _print(r["build"], f"[{k + 1}/{a.reps}] new: first start (builds the store)")
+        r["start"] = _run_child(["--_measure", "start", "--workers", str(a.workers), *common])
+        _print(r["start"], f"[{k + 1}/{a.reps}] new: later start (opens the store)")
+        if not a.skip_old:
+            r["old"] = _run_child(["--_measure", "old", "--workers", str(a.old_workers), *common])
+            _print(r["old"], f"[{k + 1}/{a.reps}] old: in-memory tokenisation at every start")
+        r["load_after"] = round(os.getloadavg()[0], 2)
+        rounds.append(r)
+        res["rounds"] = rounds
+        (work / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+
+    def median_run(kind):  # the round with the median time of this step
+        runs = sorted((r[kind] for r in rounds), key=lambda x: x["seconds"])
+        return runs[(len(runs) - 1) // 2]
+
+    res["build"], res["start"] = median_run("build"), median_run("start")
     if not a.skip_old:
-        res["old"] = _run_child(["--_measure", "old", "--workers", str(a.old_workers), *common])
-        _print(res["old"], "old: in-memory tokenisation at every start")
+        res["old"] = median_run("old")
     if "old" in res:
         res["build_vs_old_rate"] = round(res["old"]["seconds"] / res["build"]["seconds"], 2)
         res["start_vs_old_time"] = round(res["old"]["seconds"] / res["start"]["seconds"], 1)
-        print(f"RATIO first build {res['build_vs_old_rate']}x the old rate; later start {res['start']['seconds']:.2f}s "
-              f"vs {res['old']['seconds']:.1f}s; peak RSS at a later start {res['start']['peak_rss_mb']:.0f} MB "
-              f"vs old {res['old']['peak_rss_mb']:.0f} MB")
+        print(f"RATIO first build {res['build_vs_old_rate']}x the old rate (medians of {a.reps} round(s)); later start "
+              f"{res['start']['seconds']:.2f}s vs {res['old']['seconds']:.1f}s; peak RSS at a later start "
+              f"{res['start']['peak_rss_mb']:.0f} MB vs old {res['old']['peak_rss_mb']:.0f} MB")
     (work / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     print(f"results: {work / 'results.json'}")
     return 0

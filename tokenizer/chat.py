@@ -352,18 +352,21 @@ class ChatEncoder:
     def _decode(st: dict, ranks: np.ndarray):
         """Ranks of rendered conversations -> ``(ids, mask, lengths)`` (markers dropped), or None
         when a token needs Hugging Face (fast_encode's suspects: the reference path re-encodes)."""
-        sep = np.flatnonzero(ranks == _SEP_RANK)
-        end = np.flatnonzero(ranks == _END_RANK)
+        marks = np.flatnonzero(ranks >= _SEP_RANK)
+        kinds = ranks[marks]
+        sep, end = marks[kinds == _SEP_RANK], marks[kinds == _END_RANK]
         n = len(ranks)
-        mask = np.zeros(n, dtype=bool)
         if len(sep):  # a target: after its marker, up to and including the </s> that closes it
             eos = np.flatnonzero(ranks == st["eos_rank"])
             close = eos[np.searchsorted(eos, sep)]
-            d = np.zeros(n + 1, dtype=np.int8)
-            d[sep + 1] = 1
-            d[close + 1] = -1
-            mask = np.cumsum(d[:n]) > 0
-        keep = ranks < _SEP_RANK
+            d = np.zeros(n, dtype=np.int8)
+            d[sep + 1] = 1  # (sep + 1 <= close < n)
+            d[close[close + 1 < n] + 1] = -1
+            mask = np.cumsum(d, dtype=np.int8).view(bool)
+        else:
+            mask = np.zeros(n, dtype=bool)
+        keep = np.ones(n, dtype=bool)
+        keep[marks] = False
         kept = ranks[keep]
         enc = st["enc"]
         if enc.has_suspects and enc.suspect[kept].any():
