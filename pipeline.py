@@ -58,7 +58,7 @@ class Budget:
     bpc_items: int = 200
     mc_items: int = 100
     verse_examples: int = 40
-    verse_new_tokens: int = 64
+    verse_new_tokens: int = 80  # a 七言律诗 answer is up to ~70 tokens
     pairs_items: int = 100
     pretrain_steps: int = 0  # > 0: a step budget instead of minutes
     sft_steps: int = 0
@@ -74,6 +74,10 @@ DEFAULT_MINUTES = 11.0
 # CPU-minute; what is not given to the trainers goes to preference generation, evaluation and process start-up,
 # whose cost is set by the counts below (measured on 2 cores: see README "The main job").
 TIME_SHARES = {"pretrain": 0.56, "sft": 0.17, "dpo": 0.05}
+# SFT: AdamW at SFT_LR with pretraining windows mixed in (a fraction SFT_REPLAY_RATIO of the items, `--replay_path`),
+# so that the fine-tuned model keeps what pretraining taught it (measured: benchmarks/README.md, "SFT recipe").
+SFT_LR = 1e-3
+SFT_REPLAY_RATIO = 0.2
 PLANNED_SHARES = {"pretrain": 0.60, "sft": 0.20, "prefs": 0.07, "dpo": 0.06, "eval": 0.07}  # for the ETA
 
 
@@ -86,7 +90,7 @@ def budget_for(minutes: float, n_units: int) -> Budget:
                   eval_examples=int(40 * min(scale, 3.0)), eval_items=int(200 * min(scale, 3.0)),
                   eval_new_tokens=48, eval_interval=0, log_interval=20,
                   bpc_items=int(200 * min(scale, 5.0)), mc_items=int(min(200, 100 * scale)),
-                  verse_examples=int(40 * min(scale, 3.0)), verse_new_tokens=64, pairs_items=int(100 * min(scale, 3.0)),
+                  verse_examples=int(40 * min(scale, 3.0)), verse_new_tokens=80, pairs_items=int(100 * min(scale, 3.0)),
                   pretrain_minutes=round(unit * TIME_SHARES["pretrain"], 2),
                   sft_minutes=round(unit * TIME_SHARES["sft"], 2), dpo_minutes=round(unit * TIME_SHARES["dpo"], 2))
 
@@ -247,7 +251,8 @@ class Pipeline:
             "5.full_sft.py", "--init_from", d / "pretrain", "--out_dir", d, "--run_name", "sft",
             "--data_path", self.sft_train_file(),
             *self.limit_flags("sft"), "--batch_size", b.sft_batch, "--accumulation_steps", 1,
-            "--learning_rate", 1e-3, "--warmup_ratio", 0.05,
+            "--learning_rate", SFT_LR, "--warmup_ratio", 0.05,
+            "--replay_path", self.data_dir / "pretrain" / "pretrain_train.bin", "--replay_ratio", SFT_REPLAY_RATIO,
             *self.common_train_flags(seed)), d / "sft" / ".done")
 
     def stage_prefs(self, arm: str, seed: int) -> None:

@@ -405,6 +405,41 @@ class PreferenceDataset(_ChatDataset):
         return {"chosen_input_ids": ci, "chosen_targets": ct, "rejected_input_ids": ri, "rejected_targets": rt}
 
 
+class ReplayMix(Dataset):
+    """Rehearsal against forgetting: the items of ``primary`` (e.g. an :class:`SFTDataset`) followed by
+    ``n_replay`` windows of ``replay`` (a :class:`PretrainDataset`) spread evenly over it, so that under the
+    trainer's shuffled sampler a fraction ``ratio`` of the items of a batch, on average, is pretraining text.
+
+    ``n_replay = min(len(replay), round(len(primary) * ratio / (1 - ratio)))``; item ``len(primary) + j`` is
+    window ``j * len(replay) // n_replay``. Both kinds are ``{"input_ids", "targets"}``; a replay window's
+    targets are all its tokens (the loss is the token mean over the batch, so one window weighs as much as
+    its ``max_seq_len`` tokens). Deterministic, so a resumed run sees the same items.
+    """
+
+    def __init__(self, primary: Dataset, replay: Dataset, ratio: float):
+        if not 0.0 <= float(ratio) < 1.0:
+            raise ValueError(f"replay ratio must be in [0, 1), got {ratio}")
+        self.primary, self.replay, self.ratio = primary, replay, float(ratio)
+        self.n_primary = len(primary)
+        self.n_replay = min(len(replay), int(round(self.n_primary * self.ratio / (1.0 - self.ratio))))
+
+    def __len__(self) -> int:
+        return self.n_primary + self.n_replay
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i < self.n_primary:
+            return self.primary[i]
+        return self.replay[(i - self.n_primary) * len(self.replay) // self.n_replay]
+
+    def describe(self) -> str:
+        return (f"replay: {self.n_replay} pretraining windows of {getattr(self.replay, 'path', 'replay data')} "
+                f"mixed into {self.n_primary} items ({self.n_replay / max(1, len(self)):.0%} of the items)")
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 

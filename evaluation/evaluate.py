@@ -18,8 +18,8 @@ Computed (each with data file, split, number of items/examples and bootstrap see
     * ``generation``: greedy answers to the held-out SFT prompts -> Token-F1 / ROUGE-L (jieba words and
       characters) with bootstrap 95% CIs, exact-task accuracy, stop rate, the template-alone baseline and
       one sample per task; per-example JSONL beside the output (``<out stem>_generations.jsonl``);
-    * ``verse``: verse form and degeneration (:mod:`evaluation.verse`) of greedy answers to held-out
-      write_poem / continue_line prompts and of their references; per example in ``<out stem>_verse.jsonl``;
+    * ``verse``: verse form and degeneration (:mod:`evaluation.verse`) of sampled answers (seeded per prompt,
+      temperature 0.7, top_p 0.9; ``--verse_temperature 0``: greedy) to held-out write_poem / continue_line prompts and of their references; per example in ``<out stem>_verse.jsonl``;
     * ``judge`` (optional, off by default): LLM-judge win rate against another arm's generations.
 
 Progress: one plain line per part on stdout (``--quiet``: only the final JSON line).
@@ -45,6 +45,11 @@ from .generate_eval import generate_answers, load_heldout_examples, read_jsonl, 
 from .heldout import check_heldout_path, heldout_loss, overlap_summary, train_overlap
 
 SCHEMA_VERSION = 1
+# Verse samples are drawn, not greedy: greedy decoding makes a small model repeat itself (a 3M-parameter model's
+# greedy write_poem answers had a repetition rate of 0.44 where sampled ones had 0.00), and the verse measures are
+# about what the model writes when used. Chosen on the validation split (benchmarks/README.md, "Verse decoding").
+VERSE_TEMPERATURE = 0.7
+VERSE_TOP_P = 0.9
 
 
 def resolve(path) -> Path:
@@ -175,6 +180,7 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
                    do_generation: bool = True, judge: dict | None = None, bpc_items: int | None = 200,
                    mc_dir=None, mc_items: int | None = 100, do_mc: bool = True, mc_out=None,
                    verse_examples_per_task: int = 32, verse_new_tokens: int = 96, verse_out=None,
+                   verse_temperature: float = VERSE_TEMPERATURE, verse_top_p: float = VERSE_TOP_P,
                    pairs_items: int = 100, pairs_out=None, progress: bool = False) -> dict:
     """Every held-out metric of ``model`` as one dict (what the CLI writes). ``progress``: print a plain
     line as each part starts and ends."""
@@ -287,15 +293,19 @@ def evaluate_model(model, tokenizer, split: str = "validation", data_dir="data/e
         _say(progress, f"  done ({timing['generation_s']}s)")
         if verse_examples_per_task:
             vex = verse_examples(sft_file, split, verse_examples_per_task, seed)
-            _say(progress, f"verse form: greedy answers to {len(vex)} write_poem / continue_line prompts "
+            decoding = (f"sampled (temperature {verse_temperature:g}, top_p {verse_top_p:g}, seeded per prompt)"
+                        if verse_temperature > 0 else "greedy")
+            _say(progress, f"verse form: {decoding} answers to {len(vex)} write_poem / continue_line prompts "
                            f"(max {verse_new_tokens} new tokens) ...")
-            vrec = generate_answers(model, tokenizer, vex, max_new_tokens=verse_new_tokens, batch_size=batch_size)
+            vrec = generate_answers(model, tokenizer, vex, max_new_tokens=verse_new_tokens, batch_size=batch_size,
+                                    temperature=verse_temperature, top_p=verse_top_p, seed=seed)
             vs = verse_summary(vrec, n_resamples, seed)
             per = {p["id"]: p for p in vs.pop("per_example")}
             for r in vrec:
                 if r["id"] in per:
                     r["verse"], r["verse_reference"] = per[r["id"]]["model"], per[r["id"]]["reference"]
-            res["verse"] = {"data_file": str(sft_file), "split": split, "decoding": "greedy",
+            res["verse"] = {"data_file": str(sft_file), "split": split, "decoding": decoding,
+                            "temperature": verse_temperature, "top_p": verse_top_p,
                             "max_new_tokens": verse_new_tokens, "n_examples": len(vrec), "subset_seed": seed,
                             **vs, "samples_by_task": samples_by_task(vrec, 2)}
             if verse_out:
@@ -377,6 +387,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--verse_examples", type=int, default=32,
                     help="write_poem and continue_line prompts (each) for the verse-form measures; 0 = none")
     ap.add_argument("--verse_new_tokens", type=int, default=96)
+    ap.add_argument("--verse_temperature", type=float, default=VERSE_TEMPERATURE,
+                    help="sampling temperature of the verse samples (0: greedy, which makes small models loop) "
+                         f"[{VERSE_TEMPERATURE}]")
+    ap.add_argument("--verse_top_p", type=float, default=VERSE_TOP_P, help=f"nucleus of the verse samples [{VERSE_TOP_P}]")
     ap.add_argument("--pairs_items", type=int, default=100,
                     help="shared held-out preference pairs (evaluation/pairs.py) scored for the DPO comparison; 0 = none")
     ap.add_argument("--quiet", action="store_true", help="no progress lines (only the final JSON line)")
@@ -397,6 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
                               n_resamples=a.n_resamples, do_generation=not a.no_generation, judge=judge,
                               bpc_items=a.bpc_items, mc_dir=a.mc_dir, mc_items=a.mc_items, do_mc=not a.no_mc,
                               verse_examples_per_task=a.verse_examples, verse_new_tokens=a.verse_new_tokens,
+                              verse_temperature=a.verse_temperature, verse_top_p=a.verse_top_p,
                               pairs_items=a.pairs_items, progress=not a.quiet)
     line = {"out": a.out, "pretrain_loss": round(res["pretrain"]["loss"], 4), "sft_loss": round(res["sft"]["loss"], 4)}
     for part, b in res.get("bpc", {}).items():

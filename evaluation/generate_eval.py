@@ -69,24 +69,31 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int = 64,
-                    batch_size: int = 8) -> list[dict]:
-    """Greedy decoding of token-id prompts -> ``[{"ids": new ids before eos, "stopped_on_eos": bool}]``.
+                    batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+    """Decoding of token-id prompts -> ``[{"ids": new ids before eos, "stopped_on_eos": bool}]``.
 
     ``model.generation.decode`` (the one decoding loop: left padding, KV cache), ``batch_size`` prompts
-    at a time; ``max_new_tokens`` counts generated tokens only; the end token is not part of ``ids``."""
-    from model.generation import decode
+    at a time; ``max_new_tokens`` counts generated tokens only; the end token is not part of ``ids``.
+    Greedy by default; ``temperature > 0``: nucleus sampling (``top_p``) where prompt ``i`` draws from its own
+    generator seeded ``seed * 1_000_003 + i``, so each answer is the same whatever the batch size."""
+    from model.generation import Sampling, decode, make_generator
 
     results: list[dict] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids, reasons = decode(model, chunk, max_new_tokens, eos_token_ids=[eos_id], pad_token_id=pad_id)
+        sampling = None
+        if temperature > 0:
+            sampling = [Sampling(temperature, top_p, make_generator(seed * 1_000_003 + start + k))
+                        for k in range(len(chunk))]
+        ids, reasons = decode(model, chunk, max_new_tokens, sampling, eos_token_ids=[eos_id], pad_token_id=pad_id)
         results.extend({"ids": g, "stopped_on_eos": r == "stop"} for g, r in zip(ids, reasons))
     return results
 
 
 def generate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int = 64,
-                     batch_size: int = 8) -> list[dict]:
-    """Generate, decode and score every example -> per-example records (see module doc)."""
+                     batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+    """Generate, decode and score every example -> per-example records (see module doc; greedy unless
+    ``temperature > 0``, see :func:`greedy_generate`)."""
     _, eos, pad = _special_ids(tokenizer, model.config)
     from tokenizer.chat import chat_encoder
 
@@ -95,7 +102,7 @@ def generate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos:  # keep the end of over-long prompts so prompt + answer fit the trained context
         prompts = [p[-max(1, max_pos - max_new_tokens):] for p in prompts]
-    gens = greedy_generate(model, prompts, eos, pad, max_new_tokens, batch_size)
+    gens = greedy_generate(model, prompts, eos, pad, max_new_tokens, batch_size, temperature, top_p, seed)
     out = []
     for ex, text, p, g in zip(examples, prompts_text, prompts, gens):
         pred = tokenizer.decode(g["ids"], skip_special_tokens=True).strip()

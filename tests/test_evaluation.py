@@ -262,6 +262,24 @@ def test_generation_stops_on_eos_and_counts_only_new_tokens(tok):
         assert len(g["ids"]) == 7 or g["stopped_on_eos"]  # max_new_tokens counts new tokens only
 
 
+def test_sampled_answers_are_seeded_per_prompt_whatever_the_batch(tok):
+    model = _model()
+    prompts = [tok(render_prompt(tok, [{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
+               for q in ("《静夜思》的作者是谁？", "请背诵《春晓》。", "你好", "写一首五言绝句。")]
+    eos = tok.eos_token_id
+    kw = dict(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3)
+    together = greedy_generate(model, prompts, eos, eos, batch_size=4, **kw)
+    assert greedy_generate(model, prompts, eos, eos, batch_size=4, **kw) == together  # reproducible
+    # prompt i draws from its own stream: the same answers in batches of 1 and of 3
+    assert [g["ids"] for g in greedy_generate(model, prompts, eos, eos, batch_size=1, **kw)] == \
+        [g["ids"] for g in together]
+    assert [g["ids"] for g in greedy_generate(model, prompts, eos, eos, batch_size=3, **kw)] == \
+        [g["ids"] for g in together]
+    other = greedy_generate(model, prompts, eos, eos, batch_size=4, **dict(kw, seed=4))
+    greedy = greedy_generate(model, prompts, eos, eos, max_new_tokens=12, batch_size=4)
+    assert other != together and greedy != together  # the seed and the sampling matter
+
+
 def test_trained_model_answers_and_stops_right_after_the_answer(tmp_path, tok):
     """Train a micro model on one conversation (real SFT items): greedy decoding must give the answer and
     stop on </s> right after it — not run on into a new turn — and a short budget must cut it."""
@@ -373,7 +391,7 @@ def test_evaluate_cli_prints_plain_progress_lines_and_no_bars_into_a_log(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     for what in ("held-out loss on pretraining text", "bits per character on", "multiple choice: 1 items",
-                 "shared held-out preference pairs", "greedy answers to", "verse form: greedy answers", "done in"):
+                 "shared held-out preference pairs", "greedy answers to", "verse form: sampled (temperature 0.7, top_p 0.9, seeded per prompt) answers", "done in"):
         assert any(x.startswith("[evaluate]") and what in x for x in lines), what
     assert "it/s]" not in proc.stderr and "\r" not in proc.stderr  # no progress bars in a log
     res = json.loads(out.read_text(encoding="utf-8"))

@@ -36,6 +36,21 @@ def test_schedule_warmup_then_cosine_to_ten_percent():
     assert lr_at(0, 1, peak, 0) == pytest.approx(peak)
 
 
+def test_schedule_wsd_holds_the_peak_then_decays_linearly():
+    total, peak, w = 100, 1e-3, 5
+    lrs = [lr_at(s, total, peak, w, 0.0, "wsd", 0.3) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / w) and lrs[w - 1] == pytest.approx(peak)
+    decay_start = total - 1 - 30
+    assert all(x == pytest.approx(peak) for x in lrs[w:decay_start + 1])  # stable phase at the peak
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # linear to min_ratio * peak at the last step
+    tail = lrs[decay_start:]
+    steps = [a - b for a, b in zip(tail, tail[1:])]
+    assert all(d == pytest.approx(peak / 30) for d in steps)  # one constant slope
+    assert lr_at(99, total, peak, w, 0.1, "wsd", 0.3) == pytest.approx(0.1 * peak)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        lr_at(50, total, peak, w, 0.1, "linear")
+
+
 def test_stream_sampler_is_resumable_and_shards_global_batches():
     n, bs, world, seed = 50, 3, 2, 7
     full = [list(StreamSampler(n, bs, world, r, seed, 0, 40)) for r in range(world)]
@@ -299,14 +314,20 @@ def test_muon_groups_cover_every_parameter_once():
                 muon = by["muon"]
                 assert all(".layers." in n and not n.endswith("norm.weight") and "router" not in n for n in muon)
                 assert any("qkv_proj" in n for n in muon) and any("o_proj" in n for n in muon)
-                rest = by["adamw_decay"] | by["adamw_no_decay"]
-                assert "model.embed_tokens.weight" in rest
-                assert ("lm_head.weight" in rest) == (not tied)  # tied: the same tensor as the embedding
+                assert by["embeddings"] == {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
                 assert all("norm" in n for n in by["adamw_no_decay"])
                 if cfg.use_moe:
-                    assert any("experts.gate_up_proj" in n for n in muon) and any("router" in n for n in rest)
+                    assert any("experts.gate_up_proj" in n for n in muon)
+                    assert by["adamw_decay"] and all("router" in n for n in by["adamw_decay"])
+                else:
+                    assert "adamw_decay" not in by
                 assert {g["kind"] for g in groups if g["name"] == "muon"} == {"muon"}
-                assert [g["peak_lr"] for g in groups] == [0.02, 1e-3, 1e-3]
+                assert [g["peak_lr"] for g in groups] == [0.02, 1e-3] + [1e-3] * (len(groups) - 2)
+                with_emb = param_groups(model, opt, lr=1e-3, muon_lr=0.02, weight_decay=0.1, embedding_lr=3e-2)
+                assert {g["name"]: g["peak_lr"] for g in with_emb} == \
+                    {g["name"]: (3e-2 if g["name"] == "embeddings" else g["peak_lr"]) for g in groups}
+            with pytest.raises(ValueError, match="--embedding_lr applies to --optimizer muon"):
+                param_groups(model, "adamw", lr=1e-3, muon_lr=0.02, weight_decay=0.1, embedding_lr=3e-2)
 
 
 def test_muon_on_stacked_experts_equals_muon_per_expert_matrix():

@@ -28,6 +28,8 @@ COMMON_DEFAULTS: dict = {
     "warmup_iters": 0,
     "warmup_ratio": 0.0,
     "min_lr_ratio": 0.1,
+    "lr_schedule": "cosine",
+    "decay_ratio": 0.3,
     "weight_decay": 0.1,
     "dtype": "bfloat16",
     "num_workers": 1,
@@ -44,6 +46,7 @@ COMMON_DEFAULTS: dict = {
     "wandb_project": "MateConv",
     "optimizer": "adamw",
     "muon_lr": 0.02,
+    "embedding_lr": None,  # None: --learning_rate
     "max_minutes": 0.0,
 }
 
@@ -114,7 +117,13 @@ def build_parser(task) -> argparse.ArgumentParser:
                    help=f"stop after this many optimizer steps (0: epochs decide) [{d('max_steps')}]")
     g.add_argument("--warmup_ratio", type=float, default=None,
                    help=f"warmup as a fraction of the run when --warmup_iters is 0 [{d('warmup_ratio')}]")
-    g.add_argument("--min_lr_ratio", type=float, default=None, help=f"cosine floor / peak [{d('min_lr_ratio')}]")
+    g.add_argument("--min_lr_ratio", type=float, default=None,
+                   help=f"final learning rate / peak [{d('min_lr_ratio')}]")
+    g.add_argument("--lr_schedule", default=None, choices=["cosine", "wsd"],
+                   help="after warmup: cosine decay, or wsd (warmup-stable-decay: the peak, then linear decay over "
+                        f"the last --decay_ratio of the run) [{d('lr_schedule')}]")
+    g.add_argument("--decay_ratio", type=float, default=None,
+                   help=f"wsd: fraction of the run spent decaying [{d('decay_ratio')}]")
     g.add_argument("--weight_decay", type=float, default=None, help=f"AdamW weight decay (matrices only) [{d('weight_decay')}]")
     g.add_argument("--seed", type=int, default=None, help=f"[{d('seed')}]")
     g.add_argument("--zero_stage", type=int, default=None, choices=[0, 1, 2, 3],
@@ -123,6 +132,9 @@ def build_parser(task) -> argparse.ArgumentParser:
                    help="adamw; or muon: torch.optim.Muon (--muon_lr) on the hidden weight matrices incl. experts, "
                         f"AdamW (--learning_rate) on embeddings/head, norms and router [{d('optimizer')}]")
     g.add_argument("--muon_lr", type=float, default=None, help=f"peak Muon learning rate [{d('muon_lr')}]")
+    g.add_argument("--embedding_lr", type=float, default=None,
+                   help="with --optimizer muon: peak AdamW rate of the token embeddings / LM head (the other AdamW "
+                        f"parameters keep --learning_rate) [{d('embedding_lr') or 'the --learning_rate'}]")
     g.add_argument("--max_minutes", type=float, default=None,
                    help="wall-clock budget: a few probe steps measure the step time, then the number of optimizer "
                         "steps is fixed so the run ends at about this many minutes (the schedule spans them; "
@@ -169,6 +181,8 @@ def fill_defaults(args: argparse.Namespace, task, on_cpu: bool) -> argparse.Name
         setattr(args, flag, val)
         defaulted.append(flag)
     args.defaulted = defaulted
+    if "embedding_lr" in defaulted and args.optimizer != "muon":
+        args.embedding_lr = None  # a stage's Muon-recipe default; with AdamW every matrix has --learning_rate
     if hasattr(task, "resolve_args"):
         task.resolve_args(args, on_cpu)
     return args

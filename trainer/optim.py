@@ -30,28 +30,43 @@ MUON_MOMENTUM = 0.95
 
 def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
     """A hidden weight matrix: ≥ 2-D and not the embedding, the LM head or the MoE router."""
+    return p.ndim >= 2 and not is_embedding_param(name) and "router" not in name.lower()
+
+
+def is_embedding_param(name: str) -> bool:
+    """The token embeddings (= the tied LM head) or an untied LM head."""
     n = name.lower()
-    return p.ndim >= 2 and not any(k in n for k in ("embed", "lm_head", "router", "wte", "wpe"))
+    return any(k in n for k in ("embed", "lm_head", "wte", "wpe"))
 
 
-def param_groups(model: torch.nn.Module, optimizer: str, *, lr: float, muon_lr: float, weight_decay: float
-                 ) -> list[dict]:
+def param_groups(model: torch.nn.Module, optimizer: str, *, lr: float, muon_lr: float, weight_decay: float,
+                 embedding_lr: float | None = None) -> list[dict]:
     """Parameter groups (each trainable parameter in exactly one): ``name``, ``kind`` (``adamw`` | ``muon``),
-    ``peak_lr``, ``weight_decay``, ``params``; empty groups are left out."""
+    ``peak_lr``, ``weight_decay``, ``params``; empty groups are left out.
+
+    ``adamw``: ``adamw_decay`` (matrices) and ``adamw_no_decay`` (norms), both at ``lr``. ``muon``: ``muon`` (hidden
+    matrices, ``muon_lr``), ``embeddings`` (token embeddings / LM head, AdamW at ``embedding_lr``, default ``lr``),
+    ``adamw_decay`` (other matrices: the MoE router) and ``adamw_no_decay`` (norms), both at ``lr``."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-    muon, decay, no_decay = [], [], []
+    if embedding_lr is not None and optimizer != "muon" and embedding_lr != lr:
+        raise ValueError("--embedding_lr applies to --optimizer muon (with adamw every matrix has --learning_rate)")
+    muon, emb, decay, no_decay = [], [], [], []
     for name, p in model.named_parameters():  # tied weights appear once
         if not p.requires_grad:
             continue
         if optimizer == "muon" and is_muon_param(name, p):
             muon.append(p)
+        elif optimizer == "muon" and p.ndim >= 2 and is_embedding_param(name):
+            emb.append(p)
         elif p.ndim >= 2:
             decay.append(p)
         else:
             no_decay.append(p)
     groups = [
         {"name": "muon", "kind": "muon", "params": muon, "peak_lr": muon_lr, "weight_decay": weight_decay},
+        {"name": "embeddings", "kind": "adamw", "params": emb,
+         "peak_lr": lr if embedding_lr is None else embedding_lr, "weight_decay": weight_decay},
         {"name": "adamw_decay", "kind": "adamw", "params": decay, "peak_lr": lr, "weight_decay": weight_decay},
         {"name": "adamw_no_decay", "kind": "adamw", "params": no_decay, "peak_lr": lr, "weight_decay": 0.0},
     ]
@@ -160,13 +175,13 @@ def group_peak(group: dict, lr: float, muon_lr: float) -> float:
     return muon_lr if group.get("use_muon") else lr
 
 
-def set_lrs(optimizer, step: int, total: int, warmup: int, min_ratio: float, lr: float, muon_lr: float
-            ) -> dict[str, float]:
+def set_lrs(optimizer, step: int, total: int, warmup: int, min_ratio: float, lr: float, muon_lr: float,
+            schedule: str = "cosine", decay_ratio: float = 0.3) -> dict[str, float]:
     """Set every group's rate for optimizer step ``step``; -> ``{"lr": AdamW rate[, "lr_muon": Muon rate]}``."""
     out = {}
     for g in optimizer.param_groups:
         peak = group_peak(g, lr, muon_lr)
-        g["lr"] = lr_at(step, total, peak, warmup, min_ratio)
+        g["lr"] = lr_at(step, total, peak, warmup, min_ratio, schedule, decay_ratio)
         key = "lr_muon" if (g.get("kind") == "muon" or g.get("use_muon")) else "lr"
         out.setdefault(key, g["lr"])
     return out

@@ -244,6 +244,12 @@ class SFTTask(LMTask):
         parser.add_argument("--eval_data_path", default=None,
                             help="validation JSONL (default: sft_validation.jsonl beside --data_path)")
         add_bpc_args(parser, "the validation JSONL (answers only)")
+        parser.add_argument("--replay_path", default=None,
+                            help="a pretraining .bin (3.pretrain.py) whose windows are mixed into the SFT data, "
+                                 "so that the model keeps what pretraining taught it (rehearsal)")
+        parser.add_argument("--replay_ratio", type=float, default=0.0,
+                            help="with --replay_path: fraction of the training items that are pretraining "
+                                 "windows (of --max_seq_len tokens each) [0.0]")
         from dataset.datasets import add_data_args
 
         add_data_args(parser)  # --on_error, --cache_dir, --data_workers
@@ -271,6 +277,17 @@ class SFTTask(LMTask):
         if not path.is_file():
             raise FileNotFoundError(f"SFT data {path} not found (pass --data_path)")
         train = training_dataset(SFTDataset, path, tokenizer, args, what="SFT data")
+        if args.replay_ratio and not args.replay_path:
+            raise SystemExit("error: --replay_ratio needs --replay_path (a pretraining .bin from 3.pretrain.py)")
+        if args.replay_path and args.replay_ratio > 0:
+            from dataset.datasets import PretrainDataset, ReplayMix, or_exit
+
+            if not 0.0 < args.replay_ratio < 1.0:
+                raise SystemExit(f"error: --replay_ratio {args.replay_ratio}: expected a fraction in (0, 1)")
+            replay = or_exit("replay data", PretrainDataset, args.replay_path, args.max_seq_len, tokenizer)
+            train = ReplayMix(train, replay, args.replay_ratio)
+            if dist_utils.rank() == 0:
+                print(train.describe(), flush=True)
         evals = {}
         eval_path = Path(args.eval_data_path) if args.eval_data_path else \
             path.with_name(path.name.replace("_train", "_validation"))

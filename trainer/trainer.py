@@ -488,12 +488,15 @@ class Trainer:
         if a.compile:
             self.model.compile()  # in place: parameter names, state dicts and checkpoints are unchanged
         groups = param_groups(self.model, a.optimizer, lr=a.learning_rate, muon_lr=a.muon_lr,
-                              weight_decay=a.weight_decay)
+                              embedding_lr=a.embedding_lr, weight_decay=a.weight_decay)
         self.groups_note = ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,} params "
                                      f"(peak lr {g['peak_lr']:g})" for g in groups)
         if self.dist.use_deepspeed and a.optimizer == "muon":
             self.groups_note += ("; under DeepSpeed its own Muon (\"type\": \"Muon\") regroups them: every >= 2-D "
-                                 "parameter but embeddings / LM head, the router included, on Muon")
+                                 "parameter but embeddings / LM head, the router included, on Muon"
+                                 + (f"; its AdamW part uses --learning_rate {a.learning_rate:g} for the embeddings too "
+                                    f"(--embedding_lr {a.embedding_lr:g} applies without DeepSpeed)"
+                                    if a.embedding_lr not in (None, a.learning_rate) else ""))
         if self.dist.use_deepspeed:
             cfg = self._ds_config()
             self.ds_config = cfg
@@ -667,7 +670,7 @@ class Trainer:
         if isinstance(self.backend, DeepSpeedBackend):  # the engine's state cannot be rolled back: a plain copy
             model = copy.deepcopy(self.model)
             groups = param_groups(model, a.optimizer, lr=a.learning_rate, muon_lr=a.muon_lr,
-                                  weight_decay=a.weight_decay)
+                                  embedding_lr=a.embedding_lr, weight_decay=a.weight_decay)
             backend = PlainBackend(model, build_optimizer(groups, self.device), dist=dist_utils.DistEnv("plain"),
                                    amp_dtype=None, grad_clip=a.grad_clip, find_unused=False)
             saved = None
@@ -716,7 +719,8 @@ class Trainer:
             "optimizer": a.optimizer, "max_minutes": a.max_minutes or None, "tokens": int(self.tokens),
             "model_tag": self.model_tag, "tokenizer_fingerprint": self.tokenizer_fp,
             "init_from": str(self.init_from) if self.init_from else None,
-            "lr": lr_at(max(self.step - 1, 0), self.total_steps, a.learning_rate, self.warmup, a.min_lr_ratio),
+            "lr": lr_at(max(self.step - 1, 0), self.total_steps, a.learning_rate, self.warmup, a.min_lr_ratio,
+                         a.lr_schedule, a.decay_ratio),
             "args": public_args(a),
         }
 
@@ -841,7 +845,9 @@ class Trainer:
             self.log(self.plan_note)
         lrs = f"lr {a.learning_rate:g}" + (f", muon lr {a.muon_lr:g}" if a.optimizer == "muon" else "")
         self.log(f"{self.total_steps} optimizer steps ({self.total_steps * a.accumulation_steps / self.micro_per_epoch:.2f}"
-                 f" epochs), {lrs}, warmup {self.warmup}, cosine -> {a.min_lr_ratio:g}x")
+                 f" epochs), {lrs}, warmup {self.warmup}, "
+                 + (f"stable, then linear decay over the last {a.decay_ratio:g} of the run" if a.lr_schedule == "wsd"
+                    else "cosine") + f" -> {a.min_lr_ratio:g}x")
         self.logger.set_total(self.total_steps, self.step)
 
     def _train_loader(self, start_step: int) -> DataLoader:
@@ -871,7 +877,7 @@ class Trainer:
         self.model.train()
         while self.step < self.total_steps:
             lrs = set_lrs(self.optimizer, self.step, self.total_steps, self.warmup, a.min_lr_ratio,
-                          a.learning_rate, a.muon_lr)
+                          a.learning_rate, a.muon_lr, a.lr_schedule, a.decay_ratio)
             step_loss = self._forward_backward([next(it) for _ in range(a.accumulation_steps)], win)
             if not stopper.requested and watch.gone():
                 stopper.request("the deepspeed launcher exited (signal to its PID only)")
