@@ -237,6 +237,12 @@ def _measure(mode: str, data: Path, max_seq_len: int, workers: int, cache_dir: P
 
     tok = load_tokenizer(None)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def cpu():  # user + system seconds of this process and its (finished) workers
+        return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+    cpu0 = cpu()
     t0 = time.perf_counter()
     if mode == "old":
         ds = _LegacySFTDataset(data, tok, max_seq_len, workers=workers)
@@ -245,8 +251,9 @@ def _measure(mode: str, data: Path, max_seq_len: int, workers: int, cache_dir: P
         ds = SFTDataset(data, tok, max_seq_len, on_error="skip", too_long="drop", workers=workers, cache_dir=cache_dir)
         tokens = int(ds.store.header["num_tokens"])
     seconds = time.perf_counter() - t0
+    cpu_seconds = cpu() - cpu0
     ds[len(ds) // 2]  # one item, as a training start would read
-    return {"mode": mode, "seconds": round(seconds, 3), "samples": len(ds), "tokens": tokens,
+    return {"mode": mode, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3), "samples": len(ds), "tokens": tokens,
             "records": int(ds.report.seen), "workers": workers,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "rss_after_imports_mb": round(rss_before, 1),
@@ -275,15 +282,17 @@ def _check(data: Path, rows: int, max_seq_len: int, workdir: Path) -> dict:
 def one_core(data: Path, max_seq_len: int, reps: int, workdir: Path) -> dict:
     """Per-core rates, in this one process, alternating (load on the machine hits all alike; run it
     pinned: ``taskset -c 1``): the old path; the new first build with 1 worker (no pool: the worker's
-    code in this process); and the tiktoken calls alone of each (the BPE bound): the old path's one call
-    per text piece, and the new path's one call per batch on the rendered batch."""
+    code in this process), also with the lookahead-free split pattern off (the GPT-2 pattern's
+    backtracking regex on every text); and the tiktoken calls alone of
+    each (the BPE bound): the old path's one call per text piece, and the new path's one call per batch
+    on the rendered batch."""
     import statistics
 
     from dataset.datasets import SFTDataset
     from dataset.jsonl import iter_jsonl
     from tokenizer import load_tokenizer
-    from tokenizer.chat import ChatEncoder
-    from tokenizer.fast_encode import fast_encoder, needs_lookahead
+    from tokenizer.chat import _M_CUT, _MARKERS, ChatEncoder
+    from tokenizer.fast_encode import cut_whitespace_runs, fast_encoder
 
     tok = load_tokenizer(None)
     convs = [obj["conversations"] for _, obj in iter_jsonl(data)]
@@ -301,8 +310,9 @@ def one_core(data: Path, max_seq_len: int, reps: int, workdir: Path) -> dict:
     batches = []
     for k in range(0, len(convs), 512):
         text = "".join(enc._render_fast(st, c, "all", False)[0] for c in convs[k:k + 512])
-        batches.append((text, needs_lookahead(text)))
-    n_tokens = sum(len(st["encode"](t, f)) for t, f in batches) - len(convs)  # less the end markers
+        cut = cut_whitespace_runs(text, _M_CUT, _MARKERS)
+        batches.append((cut, cut != text))
+    n_tokens = sum(int((st["encode"](t, False) < 0xFFFFFFF0).sum()) for t, _ in batches)  # less the pure markers
 
     def t_old():
         return _LegacySFTDataset(data, tok, max_seq_len).report.seen
@@ -315,15 +325,25 @@ def one_core(data: Path, max_seq_len: int, reps: int, workdir: Path) -> dict:
         finally:
             shutil.rmtree(cache, ignore_errors=True)
 
+    def t_new_gpt2_only():  # as on data where every conversation has a whitespace pair (paragraphs)
+        import tokenizer.fast_encode as fast_encode
+
+        fast_encode.LOOKAHEAD_FREE = False
+        try:
+            return t_new()
+        finally:
+            fast_encode.LOOKAHEAD_FREE = True
+
     def t_bpe_old():
         for p in pieces:
             to_numpy(p, disallowed_special=())
 
     def t_bpe_new():
-        for t, f in batches:
-            st["encode"](t, f)
+        for t, _ in batches:
+            st["encode"](t, False)
 
-    steps = {"old": t_old, "new_1_worker": t_new, "bpe_old_calls": t_bpe_old, "bpe_new_calls": t_bpe_new}
+    steps = {"old": t_old, "new_1_worker": t_new, "new_1_worker_gpt2_pattern_only": t_new_gpt2_only,
+             "bpe_old_calls": t_bpe_old, "bpe_new_calls": t_bpe_new}
     times: dict[str, list] = {k: [] for k in steps}
     for fn in steps.values():  # warm-up
         fn()
@@ -339,7 +359,9 @@ def one_core(data: Path, max_seq_len: int, reps: int, workdir: Path) -> dict:
            "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
            "records_per_s": {k: round(n / v) for k, v in med.items()},
            "us_per_token": {k: round(v / n_tokens * 1e6, 4) for k, v in med.items()},
+           "batches_with_whitespace_runs_cut": sum(f for _, f in batches),
            "new_vs_old_rate": round(med["old"] / med["new_1_worker"], 3),
+           "new_gpt2_only_vs_old_rate": round(med["old"] / med["new_1_worker_gpt2_pattern_only"], 3),
            "bound_new_vs_old_rate": round(med["old"] / med["bpe_new_calls"], 3)}
     return res
 
@@ -401,7 +423,8 @@ def main() -> int:
         print(json.dumps(r, indent=1))
         rate = r["records_per_s"]
         print(f"RATIO one core: new build (1 worker) {r['new_vs_old_rate']}x the old path's rate ({rate['new_1_worker']:,} "
-              f"vs {rate['old']:,} records/s); the new path's tiktoken calls alone {rate['bpe_new_calls']:,} records/s "
+              f"vs {rate['old']:,} records/s; {r['new_gpt2_only_vs_old_rate']}x with the GPT-2 pattern everywhere); "
+              f"the new path's tiktoken calls alone {rate['bpe_new_calls']:,} records/s "
               f"({r['us_per_token']['bpe_new_calls']} us/token, {r['tokens_per_record']} tokens/record) = bound "
               f"{r['bound_new_vs_old_rate']}x; the old path's calls alone {r['us_per_token']['bpe_old_calls']} us/token")
         (work / "one_core.json").write_text(json.dumps(r, indent=2) + "\n")
@@ -445,7 +468,7 @@ def main() -> int:
 
 
 def _print(r: dict, what: str) -> None:
-    print(f"{what}: {r['seconds']:.2f}s, {r['records'] / r['seconds']:,.0f} records/s, "
+    print(f"{what}: {r['seconds']:.2f}s ({r['cpu_seconds']:.2f} CPU-s), {r['records'] / r['seconds']:,.0f} records/s, "
           f"{r['tokens'] / r['seconds']:,.0f} tokens/s ({r['samples']:,} samples, {r['tokens']:,} tokens, "
           f"{r['workers']} worker(s)); peak RSS {r['peak_rss_mb']:.0f} MB (after imports "
           f"{r['rss_after_imports_mb']:.0f} MB), workers {r['workers_peak_rss_mb']:.0f} MB", flush=True)

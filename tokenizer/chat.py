@@ -22,6 +22,16 @@ plain text. A template that drops or repeats a placeholder (or refuses the messa
 rendering the real text (:func:`encode_chat`, what serving did before) or to the MateConv template
 (:func:`encode_conversation`, what the SFT/preference datasets did before).
 
+Speed (:meth:`ChatEncoder.encode_flat`, what the SFT/DPO token store calls): where the built-in rendering
+is used and ``tokenizer.fast_encode`` applies, a whole batch of conversations is rendered into one
+string with private-use markers standing for ``<s>``, ``</s>``, "a target starts" and "a conversation
+ends", and encoded by one tiktoken call that cuts at the markers (each text between two markers is
+encoded on its own, exactly the texts of the reference path); ids, loss mask and lengths come from
+the markers. A conversation whose content holds special-token text or a marker character, an unknown
+role, a bad message, or a batch with a token fast_encode hands back to Hugging Face, takes the
+reference path (chunks -> runs -> one encoder call per text). Same ids and masks either way (checked
+on probes when first used; ``tests/test_chat_encoder_fast.py``).
+
 Loss mask (:meth:`ChatEncoder.encode_many`): True on assistant answer tokens and the end token that
 closes them; ``loss_on="all"`` (SFT: every assistant answer) or ``"last"`` (preference targets: only
 the final answer; earlier answers are context). The answer is encoded separately from its
@@ -44,8 +54,10 @@ Chunk = tuple[str, bool, bool]
 # The one-call path (ChatEncoder._encode_flat_fast): markers standing for <s>, </s>, "a target starts"
 # and "a conversation ends" in the string rendered for a whole batch (private-use characters; a
 # conversation whose text holds one of them is encoded by the reference path).
-_M_BOS, _M_EOS, _M_SEP, _M_END = "\uf8f0", "\uf8f1", "\uf8f2", "\uf8f3"
-_SEP_RANK, _END_RANK = 0xFFFFFFF0, 0xFFFFFFF1  # past every real rank (dropped after encoding)
+# (and a fifth, a cut before the last character of a whitespace run: tokenizer.fast_encode.cut_whitespace_runs)
+_M_BOS, _M_EOS, _M_SEP, _M_END, _M_CUT = "\uf8f0", "\uf8f1", "\uf8f2", "\uf8f3", "\uf8f4"
+_MARKERS = _M_BOS + _M_EOS + _M_SEP + _M_END + _M_CUT
+_SEP_RANK, _END_RANK, _CUT_RANK = 0xFFFFFFF0, 0xFFFFFFF1, 0xFFFFFFF2  # past every real rank (dropped)
 _UNSET = object()
 
 _PLACEHOLDER = "\ue000MateConv{}\ue001"
@@ -85,7 +97,8 @@ class ChatEncoder:
     ``"mateconv"`` (always the original template). ``encode_texts``: a ``list[str] -> list[ids]``
     batch encoder equal to ``tok.encode(text, add_special_tokens=False)`` per text (the datasets
     pass ``dataset.build_bin.batch_encoder(tok)``); default: ``tokenizer.fast_encode`` when it
-    applies, else the tokenizer's own batch call.
+    applies, else the tokenizer's own batch call. (The one-call path encodes through
+    ``tokenizer.fast_encode`` itself: the same ids, by that contract.)
     """
 
     def __init__(self, tokenizer, template: str = "auto", encode_texts: Callable | None = None):
@@ -291,14 +304,15 @@ class ChatEncoder:
         if int(enc.rank_to_id[bos_r]) != self.special_ids[b] or int(enc.rank_to_id[eos_r]) != self.special_ids[e]:
             return None
         texts = set(self.special_ids) | set(enc.added_rank)  # what the reference path treats specially
-        if any(m in t for t in texts for m in (_M_BOS, _M_EOS, _M_SEP, _M_END)):
+        if any(m in t for t in texts for m in _MARKERS):
             return None
         scan = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True))))
         if any(scan.search(f"{r}\n") for r in ROLES):
             return None
         state = {
             "enc": enc, "eos_rank": eos_r, "scan": scan,
-            "encode": enc.marked_encoder({_M_BOS: bos_r, _M_EOS: eos_r, _M_SEP: _SEP_RANK, _M_END: _END_RANK}),
+            "encode": enc.marked_encoder({_M_BOS: bos_r, _M_EOS: eos_r, _M_SEP: _SEP_RANK, _M_END: _END_RANK,
+                                          _M_CUT: _CUT_RANK}),
             "builtin": {k: not self.use_template or self._same_as_builtin[k] for k in (False, True)},
         }
         probes = [*_PROBES, [{"role": "user", "content": " 两个  空格\n\n"}, {"role": "assistant", "content": "\n答 "}],
@@ -346,7 +360,8 @@ class ChatEncoder:
     def _clean(st: dict, text: str, counts) -> bool:
         """No special-token text and no marker in the content (markers only where they were put)."""
         return (st["scan"].search(text) is None and text.count(_M_BOS) == counts[0]
-                and text.count(_M_EOS) == counts[1] and text.count(_M_SEP) == counts[2] and text.count(_M_END) == 1)
+                and text.count(_M_EOS) == counts[1] and text.count(_M_SEP) == counts[2] and text.count(_M_END) == 1
+                and _M_CUT not in text)
 
     @staticmethod
     def _decode(st: dict, ranks: np.ndarray):
@@ -371,7 +386,7 @@ class ChatEncoder:
         enc = st["enc"]
         if enc.has_suspects and enc.suspect[kept].any():
             return None
-        before_end = end - np.arange(len(end)) - np.searchsorted(sep, end)
+        before_end = end - np.searchsorted(marks, end)  # tokens kept before each end marker
         return enc.rank_to_id[kept], mask[keep], np.diff(before_end, prepend=0)
 
     def _encode_flat_fast(self, st: dict, conversations, loss_on: str, gen: bool):
@@ -382,33 +397,24 @@ class ChatEncoder:
         n_all = [sum(r[1][k] for r in rendered if r is not None) for k in range(3)]
         if not (st["scan"].search(text) is None and text.count(_M_BOS) == n_all[0]
                 and text.count(_M_EOS) == n_all[1] and text.count(_M_SEP) == n_all[2]
-                and text.count(_M_END) == len(texts)):  # some content holds special text or markers
+                and text.count(_M_END) == len(texts) and _M_CUT not in text):  # content holds special text / markers
             good = [r is not None and self._clean(st, *r) for r in rendered]
             texts = [r[0] for r, g in zip(rendered, good) if g]
             text = "".join(texts)
-        from .fast_encode import needs_lookahead
+        from . import fast_encode
 
         fast_idx = [k for k, g in enumerate(good) if g]
         groups = []  # (conversation indices, ids, mask, lengths)
-        try:
-            if not fast_idx:
-                pass
-            elif not needs_lookahead(text):
-                out = self._decode(st, st["encode"](text, False))
-                if out is None:
-                    return None
-                groups.append((fast_idx, *out))
-            else:
-                la = [needs_lookahead(t) for t in texts]
-                for flag in (False, True):
-                    idx = [k for k, f in zip(fast_idx, la) if f == flag]
-                    if idx:
-                        out = self._decode(st, st["encode"]("".join(t for t, f in zip(texts, la) if f == flag), flag))
-                        if out is None:
-                            return None
-                        groups.append((idx, *out))
-        except UnicodeEncodeError:  # a lone surrogate: the reference path reports it
-            return None
+        if fast_idx:
+            if fast_encode.LOOKAHEAD_FREE:  # cut whitespace runs, then the pattern without its lookahead
+                text = fast_encode.cut_whitespace_runs(text, _M_CUT, _MARKERS)
+            try:
+                out = self._decode(st, st["encode"](text, not fast_encode.LOOKAHEAD_FREE))
+            except UnicodeEncodeError:  # a lone surrogate: the reference path reports it
+                return None
+            if out is None:
+                return None
+            groups.append((fast_idx, *out))
         slow = [k for k, g in enumerate(good) if not g]
         if slow:
             ref = self._reference_many([conversations[k] for k in slow], loss_on, gen)

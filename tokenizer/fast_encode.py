@@ -40,20 +40,30 @@ import numpy as np
 # ByteLevel(use_regex=True)'s split pattern in Hugging Face tokenizers (the GPT-2 pattern), verbatim.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# The same without the lookahead branch: equal cuts on text without two whitespace characters in a
-# row (see FastEncoder.marked_encoder); the plain regex engine runs it, not the backtracking one.
+# The same without the lookahead branch, run by the plain regex engine (~20% faster than the
+# backtracking one the lookahead needs). The two cut a text alike except at a run of two or more
+# whitespace characters followed by a non-space, where the GPT-2 pattern leaves the run's last
+# character to the next piece: cutting the text there first (:func:`cut_whitespace_runs`) and
+# encoding both sides apart gives exactly the GPT-2 pattern's pieces (see FastEncoder.marked_encoder).
 SIMPLE_SPLIT_PATTERN = GPT2_SPLIT_PATTERN.replace(r"\s+(?!\S)|", "")
 assert SIMPLE_SPLIT_PATTERN != GPT2_SPLIT_PATTERN
-# Whitespace for that check: Python's \s and Unicode White_Space (what the Rust regex's \s is),
-# listed so the class covers both whatever the Unicode versions of the two engines.
-_WS_CLASS = "\\s\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
-_WS_PAIR = re.compile(f"[{_WS_CLASS}][{_WS_CLASS}]")
+# Unicode White_Space, what \s is in the Rust regex of tiktoken (tests/test_chat_encoder_fast.py
+# checks it against tiktoken over every code point), as a character class body.
+WHITE_SPACE = "\\t\\n\\x0b\\x0c\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+LOOKAHEAD_FREE = True  # tokenizer.chat's one-call path uses the cut + simple pattern (False: the GPT-2 one)
+_CUT_RE: dict = {}
 
 
-def needs_lookahead(text: str) -> bool:
-    """True when ``text`` has two whitespace characters in a row (then only the full GPT-2 pattern cuts
-    it as Hugging Face does)."""
-    return _WS_PAIR.search(text) is not None
+def cut_whitespace_runs(text: str, cut: str, stop: str = "") -> str:
+    """``text`` with ``cut`` inserted before the last character of every run of two or more
+    whitespace characters followed by a character that is neither whitespace nor in ``stop`` (the
+    characters that end a text, e.g. markers)."""
+    key = (cut, stop)
+    if key not in _CUT_RE:
+        _CUT_RE[key] = (re.compile(f"([{WHITE_SPACE}])([{WHITE_SPACE}])(?=[^{WHITE_SPACE}{re.escape(stop)}])"),
+                        "\\1" + cut.replace("\\", "\\\\") + "\\2")
+    pattern, repl = _CUT_RE[key]
+    return pattern.sub(repl, text)
 
 
 PROBE_TEXT = (
@@ -145,11 +155,13 @@ class FastEncoder:
         Each marker occurrence becomes its rank and the text between two markers is encoded on its
         own (tiktoken's special-token handling: exactly ``_ranks`` of each piece when no piece holds an
         added token). The caller maps the ranks with ``rank_to_id`` and checks ``suspect`` (markers
-        must be absent from the real text: the caller checks). Text without two whitespace characters
-        in a row (:func:`needs_lookahead` False) is split with the pattern minus its ``\\s+(?!\\S)``
-        branch, which then cuts identically (that branch differs from ``\\s+`` only at a run of two
-        or more whitespace characters followed by a non-space) and runs ~15% faster (no backtracking
-        regex engine). Both tiktoken calls release the GIL."""
+        must be absent from the real text: the caller checks). ``encode(text, False)`` splits with
+        the pattern minus its ``\\s+(?!\\S)`` branch: pass a text cut by :func:`cut_whitespace_runs`
+        (with a marker as the cut) and the pieces are the GPT-2 pattern's. Why: that branch differs from
+        ``\\s+`` only at a maximal run of two or more whitespace characters followed by a non-space,
+        where it ends the piece before the run's last character; no piece of the GPT-2 pattern crosses
+        that point (the pieces before a whitespace run end at its start), so encoding both sides of it
+        apart changes nothing, and on each side no such run is left. Both calls release the GIL."""
         import tiktoken
 
         key = tuple(sorted(markers.items()))
