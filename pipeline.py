@@ -74,10 +74,11 @@ DEFAULT_MINUTES = 11.0
 # CPU-minute; what is not given to the trainers goes to preference generation, evaluation and process start-up,
 # whose cost is set by the counts below (measured on 2 cores: see README "The main job").
 TIME_SHARES = {"pretrain": 0.56, "sft": 0.17, "dpo": 0.05}
-# SFT: AdamW at SFT_LR with pretraining windows mixed in (a fraction SFT_REPLAY_RATIO of the items, `--replay_path`),
-# so that the fine-tuned model keeps what pretraining taught it (measured: benchmarks/README.md, "SFT recipe").
-SFT_LR = 1e-3
-SFT_REPLAY_RATIO = 0.2
+# SFT recipe of the job (measured: benchmarks/README.md, "SFT recipe"): Muon as in pretraining, at a quarter of its
+# rate, AdamW 1e-3 on the rest, and pretraining windows mixed in (a fraction SFT_REPLAY_RATIO of the items,
+# `--replay_path`) so that the fine-tuned model keeps what pretraining taught it.
+SFT_FLAGS = ("--optimizer", "muon", "--muon_lr", 0.005, "--learning_rate", 1e-3)
+SFT_REPLAY_RATIO = 0.3
 PLANNED_SHARES = {"pretrain": 0.60, "sft": 0.20, "prefs": 0.07, "dpo": 0.06, "eval": 0.07}  # for the ETA
 
 
@@ -251,7 +252,7 @@ class Pipeline:
             "5.full_sft.py", "--init_from", d / "pretrain", "--out_dir", d, "--run_name", "sft",
             "--data_path", self.sft_train_file(),
             *self.limit_flags("sft"), "--batch_size", b.sft_batch, "--accumulation_steps", 1,
-            "--learning_rate", SFT_LR, "--warmup_ratio", 0.05,
+            *SFT_FLAGS, "--warmup_ratio", 0.05,
             "--replay_path", self.data_dir / "pretrain" / "pretrain_train.bin", "--replay_ratio", SFT_REPLAY_RATIO,
             *self.common_train_flags(seed)), d / "sft" / ".done")
 
