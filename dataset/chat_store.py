@@ -2,7 +2,8 @@
 
 The first start streams the file through worker processes (each reads its own byte range, parses,
 validates and renders the records with the one chat encoder, :class:`tokenizer.chat.ChatEncoder`,
-and encodes them with the fast batch encoder, ``dataset.build_bin.batch_encoder``) and writes::
+and encodes each batch of records with one tiktoken call, :meth:`~tokenizer.chat.ChatEncoder.encode_flat`,
+sending back ids already in the store's dtype) and writes::
 
     <file>.mateconv-cache/<kind>-<key16>/        (or <cache_dir>/<file name>-<kind>-<key16>/)
         header.json       format, key, source, tokenizer, counts, recorded errors, array sizes + checksums
