@@ -82,6 +82,13 @@ def test_flags_original_names_and_stage_defaults():
     cpu = fill_defaults(parse_args(PretrainTask(), ["--batch_size", "7"]), PretrainTask(), on_cpu=True)
     assert cpu.batch_size == 7 and cpu.max_steps == PretrainTask.cpu_defaults["max_steps"]
     assert (cpu.optimizer, args.optimizer, sft.optimizer) == ("muon", "adamw", "adamw")  # the measured CPU recipe
+    assert (cpu.learning_rate, cpu.embedding_lr, cpu.muon_lr) == (1.5e-2, 3e-2, 0.02)
+    cpu_adamw = fill_defaults(parse_args(PretrainTask(), ["--optimizer", "adamw"]), PretrainTask(), on_cpu=True)
+    assert (cpu_adamw.learning_rate, cpu_adamw.embedding_lr) == (2e-3, None)  # AdamW alone: its own measured rate
+    chosen = fill_defaults(parse_args(PretrainTask(), ["--optimizer", "adamw", "--learning_rate", "5e-4"]),
+                           PretrainTask(), on_cpu=True)
+    assert chosen.learning_rate == 5e-4
+    assert fill_defaults(parse_args(PretrainTask(), []), PretrainTask(), on_cpu=False).embedding_lr is None
     assert set(COMMON_DEFAULTS) >= {"epochs", "batch_size", "learning_rate", "max_steps", "seed"}
     assert SFTTask.init_from_stage == "pretrain" and PretrainTask.init_from_stage is None
 
