@@ -382,10 +382,12 @@ class Pipeline:
         except ValueError:
             pass
         log(f"talk to the best model: python chat.py --model {shlex.quote(str(best))}")
-        gens_file = Path(ev["_file"]).with_name(Path(ev["_file"]).stem + "_generations.jsonl")
-        if not gens_file.is_file():
-            return
-        rows = [json.loads(line) for line in gens_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        stem = Path(ev["_file"])
+        rows = []  # the sampled verse answers first (write_poem, continue_line), then the greedy answers of other tasks
+        for suffix in ("_verse.jsonl", "_generations.jsonl"):
+            f = stem.with_name(stem.stem + suffix)
+            if f.is_file():
+                rows += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
         by_task: dict[str, dict] = {}
         for row in rows:  # one sample per task kind, the first three kinds
             by_task.setdefault(str(row.get("task", "")), row)

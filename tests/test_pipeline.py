@@ -86,3 +86,16 @@ def test_rerun_skips_finished_stages(quick_run):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "run  " not in proc.stdout and proc.stdout.count("skip ") >= 13, proc.stdout
+
+
+def test_last_lines_name_the_chat_command_and_show_sampled_verse(quick_run):
+    run_dir, out = quick_run
+    tail = out.strip().splitlines()[-6:]
+    chat = [x for x in tail if "talk to the best model: python chat.py --model " in x]
+    assert chat, tail
+    model_dir = Path(chat[0].split("--model ", 1)[1].strip().strip("'"))
+    model_dir = model_dir if model_dir.is_absolute() else ROOT / model_dir
+    assert (model_dir / "config.json").is_file() and str(run_dir) in str(model_dir.resolve())
+    samples = [x for x in tail if "] sample [" in x]
+    assert len(samples) == 3, tail
+    assert samples[0].split("sample [", 1)[1].startswith("write_poem]")  # the sampled verse answers come first
