@@ -177,11 +177,13 @@ def group_peak(group: dict, lr: float, muon_lr: float) -> float:
 
 def set_lrs(optimizer, step: int, total: int, warmup: int, min_ratio: float, lr: float, muon_lr: float,
             schedule: str = "cosine", decay_ratio: float = 0.3) -> dict[str, float]:
-    """Set every group's rate for optimizer step ``step``; -> ``{"lr": AdamW rate[, "lr_muon": Muon rate]}``."""
+    """Set every group's rate for optimizer step ``step``; -> ``{"lr": AdamW rate[, "lr_muon": Muon rate]
+    [, "lr_embeddings": the embeddings' AdamW rate (Muon runs)]}``."""
     out = {}
     for g in optimizer.param_groups:
         peak = group_peak(g, lr, muon_lr)
         g["lr"] = lr_at(step, total, peak, warmup, min_ratio, schedule, decay_ratio)
-        key = "lr_muon" if (g.get("kind") == "muon" or g.get("use_muon")) else "lr"
+        key = "lr_muon" if (g.get("kind") == "muon" or g.get("use_muon")) else \
+            "lr_embeddings" if g.get("name") == "embeddings" else "lr"
         out.setdefault(key, g["lr"])
     return out

@@ -960,8 +960,9 @@ class Trainer:
                 rec.update(flat_routing_metrics(stats))
         rec = self.record(rec)
         line = (f"{self.task.name} step {self.step}/{self.total_steps} epoch {rec['epoch']:.2f} "
-                f"loss {rec['loss']:.4f} lr {rec['lr']:.3e}"
+                f"loss {rec['loss']:.4f} lr {rec.get('lr', rec.get('lr_embeddings', float('nan'))):.3e}"
                 + (f" lr_muon {rec['lr_muon']:.3e}" if "lr_muon" in rec else "")
+                + (f" lr_emb {rec['lr_embeddings']:.3e}" if "lr_embeddings" in rec else "")
                 + f" tok/s {rec['tokens_per_s']:,.0f} grad_norm {rec['grad_norm']:.3f} "
                 f"elapsed {fmt_duration(rec['elapsed_s'])} "
                 f"eta {fmt_duration(rec['eta_s'] if rec['eta_s'] is not None else float('nan'))}")
