@@ -338,25 +338,32 @@ def test_muon_groups_cover_every_parameter_once():
 
 
 def test_muon_on_stacked_experts_equals_muon_per_expert_matrix():
+    """Our Muon (3-D expert stacks; momenta with foreach ops, Newton-Schulz batched per shape) gives bit for bit
+    torch.optim.Muon's update of the same matrices as separate 2-D parameters: tall, wide, same-shaped ones."""
     from trainer.optim import Muon
 
     torch.manual_seed(0)
     w3 = torch.nn.Parameter(torch.randn(3, 8, 5))
-    w2 = torch.nn.Parameter(torch.randn(6, 4))
+    flat = [torch.nn.Parameter(torch.randn(*s)) for s in ((6, 4), (6, 4), (4, 7), (8, 5))]
     sep = [torch.nn.Parameter(w3.detach()[e].clone()) for e in range(3)]
-    w2b = torch.nn.Parameter(w2.detach().clone())
-    ours = Muon([{"params": [w2, w3]}], lr=0.02, weight_decay=0.1)
-    ref = torch.optim.Muon([{"params": [w2b, *sep]}], lr=0.02, weight_decay=0.1)
+    flat_ref = [torch.nn.Parameter(w.detach().clone()) for w in flat]
+    ours = Muon([{"params": [*flat, w3]}], lr=0.02, weight_decay=0.1)
+    ref = torch.optim.Muon([{"params": [*flat_ref, *sep]}], lr=0.02, weight_decay=0.1)
     for _ in range(3):
-        g3, g2 = torch.randn(3, 8, 5), torch.randn(6, 4)
-        w3.grad, w2.grad, w2b.grad = g3.clone(), g2.clone(), g2.clone()
+        g3 = torch.randn(3, 8, 5)
+        w3.grad = g3.clone()
         for e in range(3):
             sep[e].grad = g3[e].clone()
+        for w, wr in zip(flat, flat_ref):
+            g = torch.randn_like(w)
+            w.grad, wr.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
     for e in range(3):
         assert torch.equal(w3.detach()[e], sep[e].detach())
-    assert torch.equal(w2.detach(), w2b.detach()) and not torch.equal(w2.detach(), g2)
+    for w, wr in zip(flat, flat_ref):
+        assert torch.equal(w.detach(), wr.detach())
+    assert not torch.equal(flat[0].detach(), flat[1].detach())
 
 
 def _records(run_dir):

@@ -6,7 +6,8 @@ peak rate ``--learning_rate``.
 ``--optimizer muon``: ``torch.optim.Muon`` (momentum 0.95, Nesterov, 5 Newton-Schulz steps, its default
 shape-dependent rate adjustment) on every *hidden* weight matrix — attention and FFN projections, and each
 expert's matrices of the 3-D routed-expert tensors ``[E, out, in]`` (orthogonalised expert by expert, exactly
-as E separate 2-D parameters would be) — with peak rate ``--muon_lr`` and decoupled weight decay
+as E separate 2-D parameters would be; the Newton-Schulz iteration runs batched over same-shaped matrices, bit
+for bit torch's result) — with peak rate ``--muon_lr`` and decoupled weight decay
 ``--weight_decay``; ``torch.optim.AdamW`` as above on the rest: token embeddings (= the tied LM head), an
 untied LM head, norms and the MoE router, with peak rate ``--learning_rate``. :func:`param_groups` puts every
 trainable parameter in exactly one group.
@@ -116,6 +117,54 @@ class Muon(torch.optim.Muon):
                 grads.append(p.grad)
                 muon_momentum_bufs.append(buf)
         return False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """torch's Muon update, batched: the momenta with ``torch._foreach`` ops and the Newton-Schulz iteration
+        once per distinct matrix shape on the stacked updates (``baddbmm``) instead of once per matrix. A small
+        model has dozens of small matrices, whose per-matrix iterations cost more in call overhead than in
+        arithmetic (28 matrices x 5 steps x 3 products per optimizer step for mateconv-tiny)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            if not params:
+                continue
+            if group["adjust_lr_fn"] not in (None, "original"):
+                raise ValueError(f"adjust_lr_fn {group['adjust_lr_fn']!r}: this Muon implements torch's 'original'")
+            lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            by_shape: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            for shape, idx in by_shape.items():
+                ortho = newton_schulz_batched(torch.stack([updates[i] for i in idx]), group["ns_coefficients"],
+                                              group["ns_steps"], group["eps"])
+                ps = [params[i] for i in idx]
+                torch._foreach_mul_(ps, 1 - lr * wd)
+                adjusted = lr * max(1.0, shape[0] / shape[1]) ** 0.5  # torch's "original" rate adjustment
+                torch._foreach_add_(ps, [o.to(p.dtype) for o, p in zip(ortho.unbind(0), ps)], alpha=-adjusted)
+        return loss
+
+
+def newton_schulz_batched(g: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
+    """torch's ``_zeropower_via_newtonschulz`` (bf16, quintic, ``steps`` iterations) for a stack ``[n, A, B]``
+    of same-shaped matrices, each normalised by its own Frobenius norm."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(1) > g.size(2)
+    if tall:
+        x = x.transpose(1, 2)
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.transpose(1, 2))
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x.transpose(1, 2) if tall else x
 
 
 class CombinedOptimizer:
