@@ -33,12 +33,13 @@ except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
 from .configuration_mateconv import MateConvConfig
-from .losses import nll_sum, shift_labels
+from .losses import linear_nll_sum, nll_sum, shift_labels
 
 
 @dataclass
 class MateConvCausalLMOutput(ModelOutput):
-    """``CausalLMOutputWithPast`` plus the MoE balance loss (already multiplied by ``aux_loss_alpha``)."""
+    """``CausalLMOutputWithPast`` plus the MoE balance loss (already multiplied by ``aux_loss_alpha``) and, for a
+    forward with ``targets=``, the summed NLL of the targets and their number (``nll_sum``, ``nll_count``)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -46,6 +47,8 @@ class MateConvCausalLMOutput(ModelOutput):
     cache: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    nll_sum: torch.Tensor | None = None
+    nll_count: torch.Tensor | None = None
 
     @property
     def past_key_values(self):
@@ -500,19 +503,44 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         cache=None,
         return_dict: bool | None = None,
+        targets: torch.LongTensor | None = None,
         **kwargs,
     ) -> MateConvCausalLMOutput:
         """HF semantics: ``labels`` are shifted inside (-100 = ignored); ``out.loss`` is the CE loss only,
-        ``out.aux_loss`` the MoE balance loss (alpha applied; 0 for dense and when decoding with a cache)."""
+        ``out.aux_loss`` the MoE balance loss (alpha applied; 0 for dense and when decoding with a cache).
+
+        ``targets`` (the trainer's path): *pre-shifted* targets ``[B, T]`` (``IGNORE_INDEX`` = no loss) instead of
+        ``labels``; then ``out.nll_sum`` is the NLL summed over the target tokens (fp32) and ``out.nll_count``
+        their number (``model.losses.nll_sum``'s pair), and ``out.loss`` stays None. When gradients are being
+        recorded, the LM head and the cross-entropy run fused and chunked over rows
+        (``model.losses.linear_nll_sum``: same math, no [B, T, V] logits; ``out.logits`` is None). Otherwise
+        the plain path runs (``logits -> nll_sum``, ``out.logits`` returned): under ``torch.no_grad`` (eval),
+        when the head's weight is a DeepSpeed ZeRO-3 partitioned parameter (``ds_id``: only the module's own
+        forward gathers it), while ``torch.compile`` traces the model (the compiler fuses the plain path
+        itself), and with ``logits_to_keep``.
+        """
+        if targets is not None and labels is not None:
+            raise ValueError("give labels (shifted inside) or targets (pre-shifted), not both")
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None and not self.training:
             from transformers import DynamicCache
 
             cache = DynamicCache()
         h, aux_loss = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        if targets is not None:
+            weight = self.lm_head.weight
+            fused = (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and not logits_to_keep
+                     and not hasattr(weight, "ds_id") and not torch.compiler.is_compiling())
+            if fused:
+                total, count = linear_nll_sum(h, weight, targets)
+                return MateConvCausalLMOutput(aux_loss=aux_loss, cache=cache, nll_sum=total, nll_count=count)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
+        if targets is not None:
+            total, count = nll_sum(logits, targets)
+            return MateConvCausalLMOutput(logits=logits, aux_loss=aux_loss, cache=cache, nll_sum=total,
+                                          nll_count=count)
         loss = None
         if labels is not None:
             # shift the labels, not the logits (no copy of the [B, T, V] tensor)

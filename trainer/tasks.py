@@ -23,8 +23,9 @@ The interface (``trainer/dpo.py`` implements it too)::
 ``compute_loss`` contract (returns a :class:`Loss`):
 
 - ``model`` is what the trainer trains: the bare model, a DDP wrapper or a DeepSpeed engine; call it as
-  ``model(input_ids, attention_mask=...)`` and read ``.logits``. The trainer runs the call under
-  autocast and moves the batch to the device before.
+  ``model(input_ids, attention_mask=...)`` and read ``.logits``, or (``LMTask``) pass ``targets=`` and read
+  ``.nll_sum`` / ``.nll_count`` (the fused LM head + cross-entropy while training, no logits). The trainer runs
+  the call under autocast and moves the batch to the device before.
 - ``Loss.sum``: the loss *summed* over the units of this micro-batch (target tokens for pretraining /
   SFT, preference pairs for DPO); this is also the logged ``loss``. ``Loss.count``: the number of units.
   ``Loss.metrics``: extra scalars, also sums over units (e.g. ``{"rewards/accuracies": n_correct}``); the
@@ -56,7 +57,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from model.losses import IGNORE_INDEX, nll_sum
+from model.losses import IGNORE_INDEX
 
 from . import distributed as dist_utils
 
@@ -161,12 +162,14 @@ class LMTask(Task):
     pass_attention_mask = True
 
     def compute_loss(self, model, batch) -> Loss:
+        # targets=: the model returns the NLL sum itself (LM head + cross-entropy fused and chunked when training,
+        # the plain logits path under no_grad / ZeRO-3; see MateConvForCausalLM.forward); DDP and DeepSpeed
+        # engines pass the keyword through
+        kw = {"targets": batch["targets"]}
         if self.pass_attention_mask and "attention_mask" in batch:
-            out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        else:
-            out = model(batch["input_ids"])
-        total, count = nll_sum(out.logits, batch["targets"])
-        return Loss(total, count, aux=out.aux_loss if model.training else None)
+            kw["attention_mask"] = batch["attention_mask"]
+        out = model(batch["input_ids"], **kw)
+        return Loss(out.nll_sum, out.nll_count, aux=out.aux_loss if model.training else None)
 
 
 class PretrainTask(LMTask):
