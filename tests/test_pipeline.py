@@ -24,7 +24,8 @@ def quick_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pipeline") / "quick"
     # --force: the run dir is new, so this only makes the data stage run even when an earlier run of
     # this checkout built data/ (the stage is then checked below like every other)
-    cmd = [sys.executable, "pipeline.py", "--quick", "--force", "--run_dir", str(run_dir), "--data_dir", str(ROOT / "data")]
+    cmd = [sys.executable, "pipeline.py", "--quick", "--force", "--run_dir", str(run_dir), "--data_dir", str(ROOT / "data"),
+           "--lanes", "2", "--num_threads", "2"]  # what the default picks on 2 cores: the arms side by side
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return run_dir, proc.stdout
@@ -47,6 +48,36 @@ def test_every_stage_ran_as_its_script(quick_run):
     for fig in rep["figures"]:
         png = run_dir / fig["file"]
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_lanes_run_the_arms_side_by_side_with_one_thread_each(quick_run):
+    run_dir, out = quick_run
+    assert "2 lane(s) of 1 thread(s)" in out
+    lines = out.splitlines()
+
+    def at(prefix):
+        return next(i for i, x in enumerate(lines) if prefix in x)
+
+    # both arms' pretraining started before either finished, and every trainer ran with one thread
+    assert max(at("run  dense_seed1_pretrain"), at("run  moe_seed1_pretrain")) < min(
+        at("done dense_seed1_pretrain"), at("done moe_seed1_pretrain")), out
+    for arm in ("dense", "moe"):
+        for stage in ("pretrain", "sft", "dpo"):
+            log = (run_dir / "logs" / f"{arm}_seed1_{stage}.log").read_text()
+            assert "(1 threads: --num_threads)" in log, (arm, stage, log[:2000])
+    assert len({x.split("stage ", 1)[1].split(" ", 1)[0] for x in lines if "] stage " in x}) == len(
+        [x for x in lines if "] stage " in x])  # every "stage k/N" number once
+
+
+def test_budget_splits_the_minutes_over_lanes():
+    import pipeline
+
+    one, two = pipeline.budget_for(11, 2, lanes=1), pipeline.budget_for(11, 2, lanes=2)
+    assert two.pretrain_minutes == pytest.approx(2 * one.pretrain_minutes, abs=0.01)
+    assert pipeline.budget_for(11, 3, lanes=2).pretrain_minutes == pytest.approx(one.pretrain_minutes, abs=0.01)
+    args = pipeline.parse_args(["--num_threads", "2", "--cpu"])
+    assert pipeline.pick_lanes(args, 2) == (2, 1) and pipeline.pick_lanes(args, 1) == (1, 2)
+    assert pipeline.pick_lanes(pipeline.parse_args(["--lanes", "1", "--cpu"]), 2)[0] == 1
 
 
 def test_report_numbers_come_from_this_runs_eval_files(quick_run):
