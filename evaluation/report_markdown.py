@@ -233,8 +233,9 @@ def headline_section(rep: dict) -> list[str]:
         return []
     L = ["## Headline: measures that move when a small model learns", "",
          "Value [95% CI] (one seed: bootstrap over held-out items; several seeds: mean with a t CI over seeds). "
-         "Multiple-choice tasks come from the test split only (`evaluation/mc.py`); verse measures are on greedy "
-         "answers to held-out write_poem / continue_line prompts (`evaluation/verse.py`).", "",
+         "Multiple-choice tasks come from the test split only (`evaluation/mc.py`); verse measures are on answers "
+         "to held-out write_poem / continue_line prompts sampled as the evaluation records them (temperature 0.7, "
+         "top_p 0.9, seeded per prompt, unless `--verse_temperature` said otherwise; `evaluation/verse.py`).", "",
          "| arm | stage | " + " | ".join(cols) + " |", "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
     for r in h["rows"]:
         L.append(f"| {r['arm']} | {r['stage']} | " + " | ".join(_v(r["values"].get(c)) for c in cols) + " |")
