@@ -460,6 +460,29 @@ def test_max_minutes_plans_from_the_measured_step_time(small_bin, tmp_path):
     assert "-> 1 optimizer steps" in (run_dir / "train.log").read_text()
 
 
+def test_max_minutes_replans_from_the_real_steps(small_bin, tmp_path, monkeypatch):
+    """A probe that misjudges the step time (here: 1 s, while a step takes milliseconds) plans too few steps; the
+    re-plan from the real steps 3..k fits the count to the budget again (capped by --max_steps), keeps the warmup
+    and saves the new count for a resume."""
+    from trainer import PretrainTask, run
+    from trainer.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "_probe_step_time", lambda self: 1.0)
+    args = _guard_args(small_bin, tmp_path, "--max_minutes", "0.5", "--save_interval", "1000")
+    args[args.index("--max_steps") + 1] = "40"
+    assert run(PretrainTask(), args) == 0
+    run_dir = tmp_path / "pretrain_mateconv-tiny"
+    log = (run_dir / "train.log").read_text()
+    planned = int(log.split(" probe steps)")[1].split("-> ")[1].split(" optimizer steps")[0])
+    assert 5 <= planned < 40, log
+    assert f"{planned} -> 40 optimizer steps" in log, log
+    assert sorted(_train_recs(run_dir)) == list(range(1, 41))
+    st = json.loads((run_dir / "checkpoints" / "step_0000040" / "trainer_state.json").read_text())
+    from trainer.schedule import warmup_steps
+
+    assert st["total_steps"] == 40 and st["warmup"] == warmup_steps(planned, 0, 0.05)  # the first plan's warmup
+
+
 def test_thread_count_flag_env_then_free_cores(monkeypatch):
     from trainer.distributed import pick_num_threads
 

@@ -28,8 +28,10 @@ run may resume on another number of processes when ``batch_size`` x processes st
 2 x 16); anything else is refused with a message. DeepSpeed checkpoints resume on the same world size;
 plain/DDP and DeepSpeed checkpoints do not resume into each other (``--init_from`` takes the weights).
 ``--max_steps`` (optimizer steps) overrides ``--epochs`` and may cycle the data several times;
-``--max_minutes`` fixes the number of steps from a timed probe (saved in the trainer state, so a resumed
-run keeps it).
+``--max_minutes`` fixes the number of steps from a timed probe, and once more from the steps it has run (at step
+``min(REPLAN_STEP, planned / 2)``: a 3-step probe misjudges when another process is starting beside it); the count
+is saved in the trainer state, so a resumed run keeps it (one resumed from a checkpoint before that re-plan keeps
+the probe's plan).
 
 Per optimizer step (``accumulation_steps`` micro-batches on each of ``world_size`` processes):
 
@@ -226,6 +228,7 @@ class RunDirInUse(SystemExit):
 
 EVAL_SAMPLE_SEED = 1234  # the fixed validation sample (--eval_batches) of every run
 PROBE_STEPS = 3  # --max_minutes: optimizer steps timed before the run (the first one is a warm-up)
+REPLAN_STEP = 20  # --max_minutes: the step count is fitted again from the real steps at this step (or half the plan)
 
 
 class Window:
@@ -288,6 +291,7 @@ class Trainer:
         self.resume_from = None
         self.bpc = None
         self.plan_note = ""
+        self.replan: dict | None = None  # --max_minutes: the pending re-plan from the real step time
         self.log_pending: list[str] = []
         self.t_launch = budget_clock_start()
 
@@ -634,6 +638,7 @@ class Trainer:
                                   f"when the run started ({self.resume_from.name})")
             else:
                 self.total_steps = self._steps_for_budget(a.max_minutes * 60.0, explicit_steps)
+                self.replan = {"cap": explicit_steps}
         elif a.max_steps and a.max_steps > 0:
             self.total_steps = int(a.max_steps)
         else:
@@ -641,6 +646,8 @@ class Trainer:
         if self.total_steps < 1:
             raise ValueError("no optimizer step to take: more data, more --epochs, or a smaller batch")
         self.warmup = warmup_steps(self.total_steps, a.warmup_iters, a.warmup_ratio)
+        if st.get("max_minutes") and st.get("warmup") is not None:
+            self.warmup = int(st["warmup"])  # as the run fixed it (a re-plan keeps the first plan's warmup)
         if self.step >= self.total_steps:
             self.log(f"checkpoint is at step {self.step} >= total {self.total_steps}: nothing to do")
 
@@ -655,6 +662,7 @@ class Trainer:
         if self.bpc is not None:
             n_eval += -(-len(self.bpc.items) // max(1, self.dist.world_size * self.bpc.batch_size))
         t_eval = n_eval * t_step / accum / 2
+        self.eval_per_step_s = t_eval / t_step  # evaluation time in units of a step (for the re-plan)
         per_step = t_step + (t_eval / a.eval_interval if a.eval_interval else 0.0)
         steps = max(1, int((left - t_eval) / per_step))
         if cap:
@@ -663,6 +671,35 @@ class Trainer:
                           f"probe steps), ~{t_eval:.1f} s per evaluation, {left:.0f} s left after setup -> {steps} "
                           f"optimizer steps" + (f" (capped by --max_steps {cap})" if cap and steps == cap else ""))
         return steps
+
+    def _maybe_replan(self, it):
+        """``--max_minutes``: time the real steps 2..k (k = ``min(REPLAN_STEP, planned / 2)``) and fit the step count
+        into what is left of the budget once more (``--max_steps`` still caps it; the warmup stays). Returns a
+        new batch iterator when the count changed."""
+        r, a = self.replan, self.args
+        k = min(REPLAN_STEP, self.total_steps // 2)
+        if self.step == 2:
+            r["t0"] = time.time()
+        if k < 5 or self.step < k:
+            if k < 5:
+                self.replan = None
+            return None
+        self.replan = None
+        t_step = float(dist_utils.all_reduce_max(torch.tensor([(time.time() - r["t0"]) / (self.step - 2)],
+                                                              dtype=torch.float64))[0])
+        t_eval = getattr(self, "eval_per_step_s", 0.0) * t_step if self._has_eval() else 0.0
+        per_step = t_step + (t_eval / a.eval_interval if a.eval_interval else 0.0)
+        left = a.max_minutes * 60.0 - (time.time() - self.t_launch) - t_eval
+        total = self.step + max(1, int(left / per_step))
+        if r["cap"]:
+            total = min(total, r["cap"])
+        if total == self.total_steps:
+            return None
+        self.log(f"--max_minutes {a.max_minutes:g}: steps 3-{self.step} took {t_step * 1e3:.0f} ms each: "
+                 f"{self.total_steps} -> {total} optimizer steps (warmup {self.warmup} kept)")
+        self.total_steps = total
+        self.logger.set_total(self.total_steps, self.step)
+        return iter(self._train_loader(self.step))
 
     def _probe_step_time(self) -> float:
         a, accum = self.args, self.args.accumulation_steps
@@ -717,6 +754,7 @@ class Trainer:
             "global_micro_batch": self.global_micro, "accumulation_steps": a.accumulation_steps,
             "seed": a.seed, "train_samples": len(self.train_dataset), "deepspeed": self.dist.use_deepspeed,
             "optimizer": a.optimizer, "max_minutes": a.max_minutes or None, "tokens": int(self.tokens),
+            "warmup": self.warmup,
             "model_tag": self.model_tag, "tokenizer_fingerprint": self.tokenizer_fp,
             "init_from": str(self.init_from) if self.init_from else None,
             "lr": lr_at(max(self.step - 1, 0), self.total_steps, a.learning_rate, self.warmup, a.min_lr_ratio,
@@ -895,6 +933,8 @@ class Trainer:
                 self.model.update_router_bias()  # every rank; the model all-reduces the load itself
             self.step += 1
             self.logger.progress(1)
+            if self.replan is not None:
+                it = self._maybe_replan(it) or it
             final = self.step >= self.total_steps
             if self.step % a.log_interval == 0 or final or stop:
                 self._log_window(win, grad_norm, lrs, t_start, steps_at_start)
