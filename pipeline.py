@@ -94,7 +94,7 @@ def budget_for(minutes: float, n_units: int, lanes: int = 1) -> Budget:
     time."""
     unit = minutes / max(1, -(-n_units // max(1, lanes)))  # each lane runs ceil(n_units / lanes) chains
     scale = min(8.0, max(0.5, minutes / DEFAULT_MINUTES))  # counts grow with the budget, up to 8x
-    return Budget(max_seq_len=128, pretrain_batch=32, sft_batch=16, dpo_batch=8,
+    return Budget(max_seq_len=128, pretrain_batch=32, sft_batch=32, dpo_batch=8,
                   pref_prompts=int(240 * scale), pref_eval_prompts=int(120 * min(scale, 2.0)),
                   eval_examples=int(40 * min(scale, 3.0)), eval_items=int(200 * min(scale, 3.0)),
                   eval_new_tokens=48, eval_interval=0, log_interval=20,
