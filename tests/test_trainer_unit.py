@@ -464,10 +464,12 @@ def test_max_minutes_replans_from_the_real_steps(small_bin, tmp_path, monkeypatc
     """A probe that misjudges the step time (here: 1 s, while a step takes milliseconds) plans too few steps; the
     re-plan from the real steps 3..k fits the count to the budget again (capped by --max_steps), keeps the warmup
     and saves the new count for a resume."""
+    import trainer.trainer as tt
     from trainer import PretrainTask, run
     from trainer.trainer import Trainer
 
     monkeypatch.setattr(Trainer, "_probe_step_time", lambda self: 1.0)
+    monkeypatch.setattr(tt, "FRESH_PROCESS_S", 0.0)  # the budget counts from the trainer's start, not pytest's
     args = _guard_args(small_bin, tmp_path, "--max_minutes", "0.5", "--save_interval", "1000")
     args[args.index("--max_steps") + 1] = "40"
     assert run(PretrainTask(), args) == 0
