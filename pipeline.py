@@ -449,11 +449,9 @@ def pick_lanes(args, n_units: int) -> tuple[int, int]:
                                  else os.cpu_count() or 1)
     lanes = args.lanes
     if lanes <= 0:
-        on_gpu = False
-        if not args.cpu:
-            import torch
+        from model.loading import default_device
 
-            on_gpu = torch.cuda.is_available()
+        on_gpu = not args.cpu and default_device() == "cuda"
         lanes = 1 if on_gpu else max(1, min(n_units, cores))
     lanes = max(1, min(lanes, n_units))
     if lanes == 1:

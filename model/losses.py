@@ -54,7 +54,7 @@ def fused_chunk_rows(hidden_size: int) -> int:
     return 256 if hidden_size < 384 else 512
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of ``x`` runs in here: the autocast dtype when autocast is on for its device."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -146,4 +146,4 @@ def linear_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if t.shape[0] != h.shape[0]:
         raise ValueError(f"{t.shape[0]} targets for {h.shape[0]} hidden rows")
     rows = fused_chunk_rows(h.shape[-1]) if chunk_rows is None else int(chunk_rows)
-    return _LinearNLLSum.apply(h, weight, t, rows, _compute_dtype(h))
+    return _LinearNLLSum.apply(h, weight, t, rows, compute_dtype(h))

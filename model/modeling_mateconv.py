@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
 from .configuration_mateconv import MateConvConfig
-from .losses import linear_nll_sum, nll_sum, shift_labels
+from .losses import compute_dtype, linear_nll_sum, nll_sum, shift_labels
 
 
 @dataclass
@@ -244,7 +244,7 @@ class MateConvExperts(nn.Module):
         counts_t = torch.bincount(flat, minlength=self.n_experts)
         counts = counts_t.tolist()
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dtype = compute_dtype(x)
         xs = x.index_select(0, token)
         if dev == "cpu" and dtype != self.gate_up_proj.dtype and CPU_EXPERT_ROW_BLOCK:
             # low-precision CPU matmuls build a kernel per shape: with row counts that change at every step the
