@@ -638,7 +638,6 @@ class Trainer:
                                   f"when the run started ({self.resume_from.name})")
             else:
                 self.total_steps = self._steps_for_budget(a.max_minutes * 60.0, explicit_steps)
-                self.replan = {"cap": explicit_steps}
         elif a.max_steps and a.max_steps > 0:
             self.total_steps = int(a.max_steps)
         else:
@@ -654,43 +653,44 @@ class Trainer:
     def _steps_for_budget(self, budget_s: float, cap: int) -> int:
         """Time ``PROBE_STEPS`` real optimizer steps (weights, optimizer and RNG restored afterwards; the slowest
         rank counts), then fit the steps and their evaluations into what is left of ``budget_s``."""
-        a, accum = self.args, self.args.accumulation_steps
+        a = self.args
         t_step = self._probe_step_time()
-        left = budget_s - (time.time() - self.t_launch)
-        # an evaluation batch is a forward pass: about half a training micro-batch of the same size on CPU
-        n_eval = sum(len(self.eval_loader(ds)) for ds in self.eval_datasets.values())
-        if self.bpc is not None:
-            n_eval += -(-len(self.bpc.items) // max(1, self.dist.world_size * self.bpc.batch_size))
-        t_eval = n_eval * t_step / accum / 2
-        self.eval_per_step_s = t_eval / t_step  # evaluation time in units of a step (for the re-plan)
-        per_step = t_step + (t_eval / a.eval_interval if a.eval_interval else 0.0)
-        steps = max(1, int((left - t_eval) / per_step))
+        steps, t_eval, left = self._steps_that_fit(budget_s, t_step)
         if cap:
             steps = min(steps, cap)
         self.plan_note = (f"--max_minutes {a.max_minutes:g}: {t_step * 1e3:.0f} ms per optimizer step ({PROBE_STEPS} "
                           f"probe steps), ~{t_eval:.1f} s per evaluation, {left:.0f} s left after setup -> {steps} "
                           f"optimizer steps" + (f" (capped by --max_steps {cap})" if cap and steps == cap else ""))
+        at = min(REPLAN_STEP, steps // 2)
+        self.replan = {"cap": cap, "at": at} if at >= 5 else None  # too short a run to time its own steps
         return steps
 
+    def _steps_that_fit(self, budget_s: float, t_step: float) -> tuple[int, float, float]:
+        """-> (optimizer steps of ``t_step`` seconds, with their evaluations and the final one, that fit into what is
+        left of ``budget_s``, at least 1; seconds per evaluation; seconds left)."""
+        a = self.args
+        left = budget_s - (time.time() - self.t_launch)
+        # an evaluation batch is a forward pass: about half a training micro-batch of the same size on CPU
+        n_eval = sum(len(self.eval_loader(ds)) for ds in self.eval_datasets.values())
+        if self.bpc is not None:
+            n_eval += -(-len(self.bpc.items) // max(1, self.dist.world_size * self.bpc.batch_size))
+        t_eval = n_eval * t_step / a.accumulation_steps / 2
+        per_step = t_step + (t_eval / a.eval_interval if a.eval_interval else 0.0)
+        return max(1, int((left - t_eval) / per_step)), t_eval, left
+
     def _maybe_replan(self, it):
-        """``--max_minutes``: time the real steps 2..k (k = ``min(REPLAN_STEP, planned / 2)``) and fit the step count
-        into what is left of the budget once more (``--max_steps`` still caps it; the warmup stays). Returns a
-        new batch iterator when the count changed."""
+        """``--max_minutes``: time the real steps 3..k (k = ``min(REPLAN_STEP, planned / 2)``, fixed with the plan)
+        and fit the step count into what is left of the budget once more (``--max_steps`` still caps it; the warmup
+        stays). Returns a new batch iterator when the count changed."""
         r, a = self.replan, self.args
-        k = min(REPLAN_STEP, self.total_steps // 2)
         if self.step == 2:
             r["t0"] = time.time()
-        if k < 5 or self.step < k:
-            if k < 5:
-                self.replan = None
+        if self.step < r["at"]:
             return None
         self.replan = None
         t_step = float(dist_utils.all_reduce_max(torch.tensor([(time.time() - r["t0"]) / (self.step - 2)],
                                                               dtype=torch.float64))[0])
-        t_eval = getattr(self, "eval_per_step_s", 0.0) * t_step if self._has_eval() else 0.0
-        per_step = t_step + (t_eval / a.eval_interval if a.eval_interval else 0.0)
-        left = a.max_minutes * 60.0 - (time.time() - self.t_launch) - t_eval
-        total = self.step + max(1, int(left / per_step))
+        total = self.step + self._steps_that_fit(a.max_minutes * 60.0, t_step)[0]
         if r["cap"]:
             total = min(total, r["cap"])
         if total == self.total_steps:
