@@ -151,48 +151,57 @@ class MateConvMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    """All routed experts on expert-sorted rows: one matmul per expert and projection, hand-written backward.
+class _RoutedExperts(torch.autograd.Function):
+    """All routed experts in one autograd node: one gather, one matmul per expert and projection, a weighted
+    scatter-add; hand-written backward.
 
-    Rows ``xs`` [S, H] are grouped by expert (``counts[e]`` rows each). Only the matmuls loop over the experts;
-    the gate/up pre-activations live in two contiguous [S, I] buffers, so SiLU, its derivative and the
-    products run once over all rows (column slices of one [S, 2I] buffer made every bfloat16 elementwise op
-    strided and several times slower on CPU). The backward writes each expert's weight gradient straight
-    into one [E, ...] buffer (autograd on per-expert weight views would allocate and stack/zero-fill
-    full-size gradients for every expert) and reuses the saved activations.
+    ``src[r]`` is the token of the expert-sorted row ``r`` (``counts[e]`` consecutive rows per expert) and
+    ``w_rows[r]`` its routing weight (0 on padding rows); the output is ``y[src[r]] += w_rows[r] *
+    expert_e(x[src[r]])``. Forward: the rows are gathered once, already in the matmul dtype; the gate/up
+    pre-activations go to two contiguous [S, I] buffers so that SiLU and the products run once over all rows
+    (column slices of one [S, 2I] buffer made every bfloat16 elementwise op strided and several times slower on
+    CPU); the routing weight scales the [S, I] activations (narrower than the [S, H] outputs). The backward
+    writes each expert's weight gradient straight into one [E, ...] buffer (autograd on per-expert weight views
+    would allocate and stack/zero-fill full-size gradients for every expert) and reuses the saved activations.
+    A padding row reads some token but has weight 0: its output, and every gradient through it, is zero.
     """
 
     @staticmethod
-    def forward(ctx, xs, w_gate_up, w_down, counts, dtype):
+    def forward(ctx, x, w_rows, w_gate_up, w_down, src, counts, dtype):
         wg, wd = w_gate_up.to(dtype), w_down.to(dtype)
-        xs = xs.to(dtype)
+        xs = x.to(dtype).index_select(0, src)
         inter = w_down.shape[2]
         g = xs.new_empty(xs.shape[0], inter)
         u = xs.new_empty(xs.shape[0], inter)
-        out = xs.new_empty(xs.shape[0], w_down.shape[1])
         spans = _spans(counts)
         for e, rows in spans:
             torch.mm(xs[rows], wg[e, :inter].t(), out=g[rows])
             torch.mm(xs[rows], wg[e, inter:].t(), out=u[rows])
         silu = F.silu(g)
         act = silu * u
+        w = w_rows.to(dtype)[:, None]
+        act_w = act * w
+        out = xs.new_empty(xs.shape[0], w_down.shape[1])
         for e, rows in spans:
-            torch.mm(act[rows], wd[e].t(), out=out[rows])
-        ctx.save_for_backward(xs, wg, wd, g, u, silu, act)
-        ctx.counts, ctx.weight_dtype = counts, w_gate_up.dtype
-        return out
+            torch.mm(act_w[rows], wd[e].t(), out=out[rows])
+        y = xs.new_zeros(x.shape[0], w_down.shape[1]).index_add_(0, src, out)
+        ctx.save_for_backward(xs, src, w, wg, wd, g, u, silu, act, act_w)
+        ctx.counts, ctx.weight_dtype, ctx.x_dtype, ctx.w_dtype = counts, w_gate_up.dtype, x.dtype, w_rows.dtype
+        return y.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dout):
-        xs, wg, wd, g, u, silu, act = ctx.saved_tensors
+    def backward(ctx, dy):
+        xs, src, w, wg, wd, g, u, silu, act, act_w = ctx.saved_tensors
         inter = wd.shape[2]
-        dout = dout.to(xs.dtype).contiguous()
+        dout = dy.to(xs.dtype).index_select(0, src)
         spans = _spans(ctx.counts)
-        da = torch.empty_like(g)
+        d_act_w = torch.empty_like(g)
         for e, rows in spans:
-            torch.mm(dout[rows], wd[e], out=da[rows])
-        dg = torch.ops.aten.silu_backward(da * u, g)  # d/dg silu(g) * u
-        du = da * silu
+            torch.mm(dout[rows], wd[e], out=d_act_w[rows])
+        d_w_rows = (d_act_w * act).sum(-1, dtype=torch.float32)
+        d_act = d_act_w * w
+        dg = torch.ops.aten.silu_backward(d_act * u, g)  # d/dg silu(g) * u
+        du = d_act * silu
         dxs = torch.empty_like(xs)
         dwg = torch.zeros(wg.shape, dtype=ctx.weight_dtype, device=xs.device)
         dwd = torch.zeros(wd.shape, dtype=ctx.weight_dtype, device=xs.device)
@@ -200,16 +209,17 @@ class _GroupedSwiGLU(torch.autograd.Function):
         for e, rows in spans:
             x_e = xs[rows]
             if same_dtype:  # write the weight gradients in place
-                torch.mm(dout[rows].t(), act[rows], out=dwd[e])
+                torch.mm(dout[rows].t(), act_w[rows], out=dwd[e])
                 torch.mm(dg[rows].t(), x_e, out=dwg[e, :inter])
                 torch.mm(du[rows].t(), x_e, out=dwg[e, inter:])
             else:  # autocast: low-precision matmul, fp32 gradient
-                dwd[e].copy_(dout[rows].t() @ act[rows])
+                dwd[e].copy_(dout[rows].t() @ act_w[rows])
                 dwg[e, :inter].copy_(dg[rows].t() @ x_e)
                 dwg[e, inter:].copy_(du[rows].t() @ x_e)
             torch.mm(dg[rows], wg[e, :inter], out=dxs[rows])
             dxs[rows].addmm_(du[rows], wg[e, inter:])
-        return dxs, dwg, dwd, None, None
+        dx = torch.zeros(dy.shape, dtype=xs.dtype, device=xs.device).index_add_(0, src, dxs)
+        return dx.to(ctx.x_dtype), d_w_rows.to(ctx.w_dtype), dwg, dwd, None, None, None
 
 
 def _spans(counts) -> list[tuple[int, slice]]:
@@ -241,28 +251,26 @@ class MateConvExperts(nn.Module):
         flat = topk_idx.reshape(-1)
         order = flat.argsort(stable=True)  # group the N*k (token, slot) pairs by expert
         token = order // k
+        w_sorted = topk_w.reshape(-1)[order]
         counts_t = torch.bincount(flat, minlength=self.n_experts)
-        counts = counts_t.tolist()
-        dev = x.device.type
         dtype = compute_dtype(x)
-        xs = x.index_select(0, token)
-        if dev == "cpu" and dtype != self.gate_up_proj.dtype and CPU_EXPERT_ROW_BLOCK:
+        if x.device.type == "cpu" and dtype != self.gate_up_proj.dtype and CPU_EXPERT_ROW_BLOCK:
             # low-precision CPU matmuls build a kernel per shape: with row counts that change at every step the
-            # shapes never repeat (measured 1.8x slower than a fixed routing). Pad each expert's rows with zeros
-            # to a multiple of the block: few distinct shapes; zero rows give zero outputs and gradients.
+            # shapes never repeat (measured 1.8x slower than a fixed routing). Pad each expert's rows to a multiple
+            # of the block (padding rows have weight 0): few distinct shapes.
             b = CPU_EXPERT_ROW_BLOCK
             padded = (counts_t + b - 1) // b * b
             starts = torch.cumsum(padded, 0) - padded
             first = torch.cumsum(counts_t, 0) - counts_t
             sorted_e = flat[order]
             pos = starts[sorted_e] + torch.arange(flat.numel(), device=x.device) - first[sorted_e]
-            xs = xs.new_zeros(int(padded.sum()), xs.shape[1]).index_copy(0, pos, xs)
-            ys = _GroupedSwiGLU.apply(xs, self.gate_up_proj, self.down_proj, padded.tolist(), dtype)
-            ys = ys.index_select(0, pos)
+            n_rows = int(padded.sum())
+            src = token.new_zeros(n_rows).index_copy_(0, pos, token)
+            w_rows = w_sorted.new_zeros(n_rows).index_copy(0, pos, w_sorted)
+            counts = padded.tolist()
         else:
-            ys = _GroupedSwiGLU.apply(xs, self.gate_up_proj, self.down_proj, counts, dtype)
-        ys = ys * topk_w.reshape(-1)[order, None].to(ys.dtype)
-        return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)
+            src, w_rows, counts = token, w_sorted, counts_t.tolist()
+        return _RoutedExperts.apply(x, w_rows, self.gate_up_proj, self.down_proj, src, counts, dtype)
 
 
 class MateConvMoE(nn.Module):
@@ -308,6 +316,7 @@ class MateConvMoE(nn.Module):
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, with_aux: bool = True):
         """x [B, T, H]; token_mask [B, T] (1 = real token) -> (y [B, T, H], aux_loss scalar or None)."""
         B, T, H = x.shape
+        x = x.to(compute_dtype(x))  # cast once for the router, the routed and the shared experts (as nn.Linear does)
         flat = x.reshape(-1, H)
         scores, topk_idx, topk_w = self.route(flat)
         y = self.experts(flat, topk_idx, topk_w).view(B, T, H)
