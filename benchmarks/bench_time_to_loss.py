@@ -210,6 +210,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     torch.set_num_threads(args.threads)
+    from trainer.distributed import keep_freed_memory
+
+    keep_freed_memory()  # the peer trains in this process: the same malloc setting as our trainer's
     if not Path(args.bin).is_file():
         subprocess.run([sys.executable, "3.pretrain.py"], cwd=ROOT, check=True)
     from transformers.utils import logging as hf_logging

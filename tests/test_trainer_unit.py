@@ -499,6 +499,33 @@ def test_thread_count_flag_env_then_free_cores(monkeypatch):
     assert n2 == 1 and "local processes" in why2
 
 
+KEEP_FREED_PROBE = """
+import os, sys, psutil, torch
+from trainer.distributed import keep_freed_memory
+print(keep_freed_memory())
+rss = lambda: psutil.Process().memory_info().rss
+before = rss()
+t = torch.empty(32 * 2**20, dtype=torch.uint8).fill_(1)  # 32 MiB, touched
+del t
+print((rss() - before) // 2**20)
+"""
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_keep_freed_memory_keeps_a_freed_block_resident(keep):
+    # glibc hands a freed 32 MiB block straight back to the OS (it came from mmap); with the trainer's setting it
+    # stays in the heap for the next step's allocation
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MATECONV_KEEP_FREED_MEMORY=keep)
+    out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout.split()
+    assert out[0] == ("True" if keep == "1" else "False")
+    kept_mib = int(out[1])
+    assert (kept_mib >= 30) if keep == "1" else (kept_mib < 8), out
+
+
 def test_max_minutes_clock_starts_with_a_fresh_process_else_with_the_trainer(monkeypatch):
     # a command's budget includes interpreter start and imports; in a long-lived host (this pytest session, a
     # notebook) the work done before the trainer started is not the run's (a 5-minute budget was once "spent")

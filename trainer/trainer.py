@@ -360,6 +360,7 @@ class Trainer:
             n, why = dist_utils.pick_num_threads(a.num_threads, self.dist.local_world_size)
             torch.set_num_threads(n)
             self.threads_note = f"{n} threads: {why}"
+            dist_utils.keep_freed_memory()
         dist_utils.init(self.dist)
         self.amp_dtype, self.precision_note = resolve_dtype(a.dtype, self.device)
         random.seed(a.seed)
