@@ -460,6 +460,15 @@ def test_max_minutes_plans_from_the_measured_step_time(small_bin, tmp_path):
     assert "-> 1 optimizer steps" in (run_dir / "train.log").read_text()
 
 
+def test_replan_points_time_the_steps_at_20_then_a_quarter_and_half_of_the_plan():
+    from trainer.trainer import replan_points
+
+    assert replan_points(1000) == [20, 250, 500]
+    assert replan_points(100) == [20, 50]  # a quarter (25) is too close to 20
+    assert replan_points(60) == [20]
+    assert replan_points(12) == [6]
+
+
 def test_max_minutes_replans_from_the_real_steps(small_bin, tmp_path, monkeypatch):
     """A probe that misjudges the step time (here: 1 s, while a step takes milliseconds) plans too few steps; the
     re-plan from the real steps 3..k fits the count to the budget again (capped by --max_steps), keeps the warmup

@@ -28,10 +28,9 @@ run may resume on another number of processes when ``batch_size`` x processes st
 2 x 16); anything else is refused with a message. DeepSpeed checkpoints resume on the same world size;
 plain/DDP and DeepSpeed checkpoints do not resume into each other (``--init_from`` takes the weights).
 ``--max_steps`` (optimizer steps) overrides ``--epochs`` and may cycle the data several times;
-``--max_minutes`` fixes the number of steps from a timed probe, and once more from the steps it has run (at step
-``min(REPLAN_STEP, planned / 2)``: a 3-step probe misjudges when another process is starting beside it); the count
-is saved in the trainer state, so a resumed run keeps it (one resumed from a checkpoint before that re-plan keeps
-the probe's plan).
+``--max_minutes`` fixes the number of steps from a timed probe, and again from the steps it has run (at the points
+of ``replan_points``: step ``min(REPLAN_STEP, planned / 2)``, a quarter and half of the plan); the count is saved in
+the trainer state, so a resumed run keeps it (one resumed from a checkpoint before a re-plan keeps the plan it had).
 
 Per optimizer step (``accumulation_steps`` micro-batches on each of ``world_size`` processes):
 
@@ -229,6 +228,18 @@ class RunDirInUse(SystemExit):
 EVAL_SAMPLE_SEED = 1234  # the fixed validation sample (--eval_batches) of every run
 PROBE_STEPS = 3  # --max_minutes: optimizer steps timed before the run (the first one is a warm-up)
 REPLAN_STEP = 20  # --max_minutes: the step count is fitted again from the real steps at this step (or half the plan)
+
+
+def replan_points(planned: int) -> list[int]:
+    """``--max_minutes``: the steps at which the step count is fitted again from the steps run since the previous
+    point: ``min(REPLAN_STEP, planned / 2)`` (a 3-step probe misjudges when another process is starting beside
+    it), then a quarter and half of the plan (the steady step can still differ from the first 20: measured 8%
+    faster for a lane of the pipeline); points less than ``REPLAN_STEP`` apart are dropped."""
+    points = [min(REPLAN_STEP, planned // 2)]
+    for p in (planned // 4, planned // 2):
+        if p - points[-1] >= REPLAN_STEP:
+            points.append(p)
+    return points
 
 
 class Window:
@@ -662,8 +673,8 @@ class Trainer:
         self.plan_note = (f"--max_minutes {a.max_minutes:g}: {t_step * 1e3:.0f} ms per optimizer step ({PROBE_STEPS} "
                           f"probe steps), ~{t_eval:.1f} s per evaluation, {left:.0f} s left after setup -> {steps} "
                           f"optimizer steps" + (f" (capped by --max_steps {cap})" if cap and steps == cap else ""))
-        at = min(REPLAN_STEP, steps // 2)
-        self.replan = {"cap": cap, "at": at} if at >= 5 else None  # too short a run to time its own steps
+        points = [p for p in replan_points(steps) if p >= 5]  # too short a run to time its own steps: none
+        self.replan = {"cap": cap, "points": points} if points else None
         return steps
 
     def _steps_that_fit(self, budget_s: float, t_step: float) -> tuple[int, float, float]:
@@ -680,23 +691,28 @@ class Trainer:
         return max(1, int((left - t_eval) / per_step)), t_eval, left
 
     def _maybe_replan(self, it):
-        """``--max_minutes``: time the real steps 3..k (k = ``min(REPLAN_STEP, planned / 2)``, fixed with the plan)
-        and fit the step count into what is left of the budget once more (``--max_steps`` still caps it; the warmup
-        stays). Returns a new batch iterator when the count changed."""
+        """``--max_minutes``: at each re-plan point (``replan_points``, fixed with the first plan) time the real steps
+        since the last point (since step 2 at the first) and fit the step count into what is left of the budget
+        once more (``--max_steps`` still caps it; the warmup stays). Returns a new batch iterator when the count
+        changed."""
         r, a = self.replan, self.args
         if self.step == 2:
-            r["t0"] = time.time()
-        if self.step < r["at"]:
+            r["t0"], r["from"] = time.time(), 2
+        if "t0" not in r or self.step < r["points"][0]:
             return None
-        self.replan = None
-        t_step = float(dist_utils.all_reduce_max(torch.tensor([(time.time() - r["t0"]) / (self.step - 2)],
+        r["points"].pop(0)
+        t_step = float(dist_utils.all_reduce_max(torch.tensor([(time.time() - r["t0"]) / (self.step - r["from"])],
                                                               dtype=torch.float64))[0])
+        steps_timed = f"{r['from'] + 1}-{self.step}"
+        r["t0"], r["from"] = time.time(), self.step
+        if not r["points"]:
+            self.replan = None
         total = self.step + self._steps_that_fit(a.max_minutes * 60.0, t_step)[0]
         if r["cap"]:
             total = min(total, r["cap"])
         if total == self.total_steps:
             return None
-        self.log(f"--max_minutes {a.max_minutes:g}: steps 3-{self.step} took {t_step * 1e3:.0f} ms each: "
+        self.log(f"--max_minutes {a.max_minutes:g}: steps {steps_timed} took {t_step * 1e3:.0f} ms each: "
                  f"{self.total_steps} -> {total} optimizer steps (warmup {self.warmup} kept)")
         self.total_steps = total
         self.logger.set_total(self.total_steps, self.step)
