@@ -51,6 +51,10 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from benchmarks.machine import describe_cpu
+    from trainer.distributed import keep_freed_memory
+
+    kept = keep_freed_memory()  # as our trainer runs (every contender in this process gets it)
     torch.manual_seed(0)
     from model import MateConvForCausalLM, get_config, parameter_report
     from model.export import to_native
@@ -72,6 +76,7 @@ def main(argv=None) -> None:
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     rd, rm = parameter_report(dense.config), parameter_report(moe.config)
+    print(f"cpu: {describe_cpu()}; freed memory kept (mallopt): {kept}")
     print(f"batch={args.batch}x{args.seq} dtype={args.dtype} threads={args.threads}")
     print(f"  dense {args.dense}: active {rd['active_params']:,} / total {rd['total_params']:,}")
     print(f"  moe   {args.moe}: active {rm['active_params']:,} / total {rm['total_params']:,}")

@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.machine import describe_cpu  # noqa: E402
+
 # ============================================================================= synthetic deepctrl data
 
 
@@ -475,12 +477,7 @@ def _print(r: dict, what: str) -> None:
 
 
 def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-        return name + (" (amx_bf16)" if "amx_bf16" in out else "") + f", {os.cpu_count()} cores"
-    except OSError:
-        return "?"
+    return describe_cpu()
 
 
 if __name__ == "__main__":

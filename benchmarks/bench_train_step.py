@@ -57,6 +57,10 @@ def main(argv=None) -> None:
                     help="also time our model under torch.compile (compile time reported separately)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from benchmarks.machine import describe_cpu
+    from trainer.distributed import keep_freed_memory
+
+    kept = keep_freed_memory()  # as our trainer runs (every contender in this process gets it)
     torch.manual_seed(0)
     from model import MateConvForCausalLM, get_config
     from model.export import to_native
@@ -89,6 +93,7 @@ def main(argv=None) -> None:
             times[name].append(time.perf_counter() - t0)
     tok = args.batch * args.seq
     res = {k: tok / statistics.median(v) for k, v in times.items()}
+    print(f"cpu: {describe_cpu()}; freed memory kept (mallopt): {kept}")
     print(f"preset={args.preset} batch={args.batch}x{args.seq} dtype={args.dtype} threads={args.threads}")
     for k, v in res.items():
         print(f"  {k:16s} {v:10.0f} tokens/s  (median step {statistics.median(times[k]) * 1e3:.0f} ms)")
