@@ -83,7 +83,8 @@ DEFAULT_MINUTES = 11.0
 TIME_SHARES = {"pretrain": 0.60, "sft": 0.19, "dpo": 0.04}
 # SFT recipe of the job (measured: benchmarks/README.md, "SFT recipe"): Muon as in pretraining, at a quarter of its
 # rate, AdamW 1e-3 on the rest, and pretraining windows mixed in (a fraction SFT_REPLAY_RATIO of the items,
-# `--replay_path`) so that the fine-tuned model keeps what pretraining taught it.
+# `--replay_path`) so that the fine-tuned model keeps what pretraining taught it; batches grouped by length
+# (`--group_by_length`: short answers no longer padded to the 128-token replay windows beside them).
 SFT_FLAGS = ("--optimizer", "muon", "--muon_lr", 0.005, "--learning_rate", 1e-3)
 SFT_REPLAY_RATIO = 0.3
 PLANNED_SHARES = {"pretrain": 0.61, "sft": 0.22, "prefs": 0.05, "dpo": 0.05, "eval": 0.10}  # for the ETA
@@ -275,7 +276,7 @@ class Pipeline:
             "5.full_sft.py", "--init_from", d / "pretrain", "--out_dir", d, "--run_name", "sft",
             "--data_path", self.sft_train_file(),
             *self.limit_flags("sft"), "--batch_size", b.sft_batch, "--accumulation_steps", 1,
-            *SFT_FLAGS, "--warmup_ratio", 0.05,
+            *SFT_FLAGS, "--warmup_ratio", 0.05, "--group_by_length",
             "--replay_path", self.data_dir / "pretrain" / "pretrain_train.bin", "--replay_ratio", SFT_REPLAY_RATIO,
             *self.common_train_flags(seed)), d / "sft" / ".done")
 

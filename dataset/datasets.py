@@ -359,6 +359,16 @@ class _ChatDataset(Dataset):
     def __len__(self) -> int:
         return len(self._keep)
 
+    def lengths(self) -> np.ndarray:
+        """Input tokens of each item (the longest of its sequences), without reading the tokens."""
+        k = self.seq_per_record
+        first = self._keep.astype(np.int64) * k
+        n = np.zeros(len(first), dtype=np.int64)
+        for j in range(k):
+            seq = np.diff(self.store.offsets)[first + j]
+            n = np.maximum(n, np.minimum(seq, self.max_seq_len + 1) - 1)
+        return n
+
     @property
     def summary(self) -> dict:
         return self.report.to_dict()
@@ -425,6 +435,10 @@ class ReplayMix(Dataset):
 
     def __len__(self) -> int:
         return self.n_primary + self.n_replay
+
+    def lengths(self) -> np.ndarray:
+        """Input tokens of each item: the primary's, then ``max_seq_len`` for every replay window."""
+        return np.concatenate([self.primary.lengths(), np.full(self.n_replay, self.replay.max_seq_len, np.int64)])
 
     def __getitem__(self, i: int) -> dict:
         if i < 0:

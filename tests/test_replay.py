@@ -61,6 +61,15 @@ def test_mix_holds_every_sft_item_and_spreads_the_windows(tmp_path, tok):
         ReplayMix(sft, pre, 1.0)
 
 
+def test_item_lengths_without_reading_the_items(tmp_path, tok):
+    sft = SFTDataset(write_sft(tmp_path / "s.jsonl", 30), tok, 32)
+    pre = PretrainDataset(write_bin(tmp_path / "p.bin", np.arange(3, 3 + 16 * 40 + 1) % 6000, tok), 16, tok)
+    mix = ReplayMix(sft, pre, 0.25)
+    assert list(mix.lengths()) == [len(mix[i]["input_ids"]) for i in range(len(mix))]
+    lens = sft.lengths().tolist()
+    assert len(set(lens)) > 3 and max(lens) == 32 and mix.lengths()[-1] == 16  # capped at the context; a window
+
+
 def sft_run(tmp_path, *extra):
     data = write_sft(tmp_path / "sft.jsonl", 40)
     args = ["--data_path", data, "--init_from", "none", "--out_dir", tmp_path / "out", "--run_name", "run",

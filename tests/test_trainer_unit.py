@@ -69,6 +69,30 @@ def test_stream_sampler_is_resumable_and_shards_global_batches():
         StreamSampler(5, 4, 2, 0, 0, 0, 1)
 
 
+def test_stream_sampler_grouped_by_length_keeps_epochs_resume_and_shards():
+    n, bs, world, seed = 400, 4, 2, 3
+    lengths = torch.randint(1, 129, (n,), generator=torch.Generator().manual_seed(0))
+    full = [list(StreamSampler(n, bs, world, r, seed, 0, 120, lengths)) for r in range(world)]
+    for r in range(world):
+        assert list(StreamSampler(n, bs, world, r, seed, 37, 120, lengths)) == full[r][37:]  # resume exact
+    single = list(StreamSampler(n, bs * world, 1, 0, seed, 0, 120, lengths))
+    assert all(single[k] == full[0][k] + full[1][k] for k in range(120))  # ranks slice the global batch
+    per_epoch = n // (bs * world)
+    epoch0 = [i for k in range(per_epoch) for i in single[k]]
+    assert sorted(epoch0) == list(range(n))  # every item once per epoch (400 = 50 global batches)
+
+    def spread(batches):
+        return sum(int(lengths[b].max() - lengths[b].min()) for b in batches) / len(batches)
+
+    plain = list(StreamSampler(n, bs * world, 1, 0, seed, 0, per_epoch))
+    assert spread(single[:per_epoch]) < spread(plain) / 4  # similar lengths within a batch
+    starts = [int(lengths[b].min()) for b in single[:StreamSampler.GROUP_BATCHES]]
+    assert starts != sorted(starts)  # the sorted batches of a group come in random order
+    assert single[:per_epoch] != single[per_epoch:2 * per_epoch]  # reshuffled per epoch
+    with pytest.raises(ValueError, match="lengths for"):
+        StreamSampler(n, bs, 1, 0, 0, 0, 1, lengths[:10])
+
+
 def test_flags_original_names_and_stage_defaults():
     args = parse_args(PretrainTask(), ["--epochs", "15", "--local_rank=1", "--deepspeed", "--use_wandb",
                                        "--wandb_project", "p", "--ddp"])

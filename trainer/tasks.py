@@ -263,6 +263,9 @@ class SFTTask(LMTask):
         parser.add_argument("--replay_ratio", type=float, default=0.0,
                             help="with --replay_path: fraction of the training items that are pretraining "
                                  "windows (of --max_seq_len tokens each) [0.0]")
+        parser.add_argument("--group_by_length", action="store_true",
+                            help="batches of items of similar length (sorted within runs of 16 batches, in random "
+                                 "order): less padding, more items per second (transformers' flag of that name)")
         from dataset.datasets import add_data_args
 
         add_data_args(parser)  # --on_error, --cache_dir, --data_workers
