@@ -89,6 +89,18 @@ def test_sft_with_replay_trains_and_reports_the_mix(tmp_path, tok):
     assert state["train_samples"] == 50  # 40 SFT items + 10 windows
 
 
+@pytest.mark.slow
+def test_sft_grouped_by_length_trains_and_resume_keeps_the_batch_order(tmp_path, tok):
+    r = sft_run(tmp_path, "--group_by_length")
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads(next((tmp_path / "out" / "run" / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["group_by_length"] is True
+    r = sft_run(tmp_path, "--resume", "--max_steps", 4)  # the other batch order: refused, named
+    assert r.returncode != 0 and "--group_by_length on vs off" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+    r = sft_run(tmp_path, "--group_by_length", "--resume", "--max_steps", 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--replay_ratio", "0.2"], "--replay_ratio needs --replay_path"),
     (["--replay_path", "{bin}", "--replay_ratio", "1.5"], "expected a fraction in (0, 1)"),

@@ -633,6 +633,9 @@ class Trainer:
             problems.append(f"optimizer {st.get('optimizer', 'adamw')} vs {a.optimizer}")
         if st.get("seed") not in (None, a.seed):
             problems.append(f"seed {st.get('seed')} vs {a.seed}")
+        if bool(st.get("group_by_length", False)) != bool(getattr(a, "group_by_length", False)):
+            problems.append(f"--group_by_length {'on' if st.get('group_by_length') else 'off'} vs "
+                            f"{'on' if getattr(a, 'group_by_length', False) else 'off'} (another batch order)")
         if st.get("train_samples") not in (None, len(self.train_dataset)):
             problems.append(f"training set of {st.get('train_samples')} samples vs {len(self.train_dataset)}")
         if self.dist.use_deepspeed != bool(st.get("deepspeed", False)):
@@ -792,7 +795,7 @@ class Trainer:
             "global_micro_batch": self.global_micro, "accumulation_steps": a.accumulation_steps,
             "seed": a.seed, "train_samples": len(self.train_dataset), "deepspeed": self.dist.use_deepspeed,
             "optimizer": a.optimizer, "max_minutes": a.max_minutes or None, "tokens": int(self.tokens),
-            "warmup": self.warmup,
+            "warmup": self.warmup, "group_by_length": bool(getattr(a, "group_by_length", False)),
             "model_tag": self.model_tag, "tokenizer_fingerprint": self.tokenizer_fp,
             "init_from": str(self.init_from) if self.init_from else None,
             "lr": lr_at(max(self.step - 1, 0), self.total_steps, a.learning_rate, self.warmup, a.min_lr_ratio,
