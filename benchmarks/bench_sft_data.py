@@ -419,7 +419,7 @@ def main() -> int:
     print(f"data: {a.rows:,} deepctrl rows ({raw.stat().st_size / 1e9:.2f} GB, generated in {t_gen:.0f}s), canonical "
           f"{data.stat().st_size / 1e9:.2f} GB (converted in {t_conv:.0f}s)", flush=True)
     res = {"rows": a.rows, "raw_bytes": raw.stat().st_size, "canonical_bytes": data.stat().st_size,
-           "max_seq_len": a.max_seq_len, "cpu": _cpu()}
+           "max_seq_len": a.max_seq_len, "cpu": describe_cpu()}
     if a.one_core:
         r = one_core(data, a.max_seq_len, a.one_core, work)
         print(json.dumps(r, indent=1))
@@ -475,9 +475,6 @@ def _print(r: dict, what: str) -> None:
           f"{r['workers']} worker(s)); peak RSS {r['peak_rss_mb']:.0f} MB (after imports "
           f"{r['rss_after_imports_mb']:.0f} MB), workers {r['workers_peak_rss_mb']:.0f} MB", flush=True)
 
-
-def _cpu() -> str:
-    return describe_cpu()
 
 
 if __name__ == "__main__":

@@ -362,12 +362,8 @@ class _ChatDataset(Dataset):
     def lengths(self) -> np.ndarray:
         """Input tokens of each item (the longest of its sequences), without reading the tokens."""
         k = self.seq_per_record
-        first = self._keep.astype(np.int64) * k
-        n = np.zeros(len(first), dtype=np.int64)
-        for j in range(k):
-            seq = np.diff(self.store.offsets)[first + j]
-            n = np.maximum(n, np.minimum(seq, self.max_seq_len + 1) - 1)
-        return n
+        per_seq = np.minimum(np.diff(self.store.offsets), self.max_seq_len + 1) - 1
+        return per_seq.reshape(-1, k)[self._keep].max(1)
 
     @property
     def summary(self) -> dict:

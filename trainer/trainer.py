@@ -324,6 +324,7 @@ class Trainer:
         self.bpc = None
         self.plan_note = ""
         self.replan: dict | None = None  # --max_minutes: the pending re-plan from the real step time
+        self._lengths = None  # --group_by_length: the training items' lengths, read once
         self.log_pending: list[str] = []
         self.t_launch = budget_clock_start()
 
@@ -633,9 +634,9 @@ class Trainer:
             problems.append(f"optimizer {st.get('optimizer', 'adamw')} vs {a.optimizer}")
         if st.get("seed") not in (None, a.seed):
             problems.append(f"seed {st.get('seed')} vs {a.seed}")
-        if bool(st.get("group_by_length", False)) != bool(getattr(a, "group_by_length", False)):
+        if bool(st.get("group_by_length", False)) != self.group_by_length:
             problems.append(f"--group_by_length {'on' if st.get('group_by_length') else 'off'} vs "
-                            f"{'on' if getattr(a, 'group_by_length', False) else 'off'} (another batch order)")
+                            f"{'on' if self.group_by_length else 'off'} (another batch order)")
         if st.get("train_samples") not in (None, len(self.train_dataset)):
             problems.append(f"training set of {st.get('train_samples')} samples vs {len(self.train_dataset)}")
         if self.dist.use_deepspeed != bool(st.get("deepspeed", False)):
@@ -722,7 +723,7 @@ class Trainer:
         r, a = self.replan, self.args
         if self.step == 2:
             r["t0"], r["from"] = time.time(), 2
-        if "t0" not in r or self.step < r["points"][0]:
+        if self.step < r["points"][0]:  # every point is >= 5, after the clock starts at step 2
             return None
         r["points"].pop(0)
         t_step = float(dist_utils.all_reduce_max(torch.tensor([(time.time() - r["t0"]) / (self.step - r["from"])],
@@ -795,7 +796,7 @@ class Trainer:
             "global_micro_batch": self.global_micro, "accumulation_steps": a.accumulation_steps,
             "seed": a.seed, "train_samples": len(self.train_dataset), "deepspeed": self.dist.use_deepspeed,
             "optimizer": a.optimizer, "max_minutes": a.max_minutes or None, "tokens": int(self.tokens),
-            "warmup": self.warmup, "group_by_length": bool(getattr(a, "group_by_length", False)),
+            "warmup": self.warmup, "group_by_length": self.group_by_length,
             "model_tag": self.model_tag, "tokenizer_fingerprint": self.tokenizer_fp,
             "init_from": str(self.init_from) if self.init_from else None,
             "lr": lr_at(max(self.step - 1, 0), self.total_steps, a.learning_rate, self.warmup, a.min_lr_ratio,
@@ -929,11 +930,15 @@ class Trainer:
                     else "cosine") + f" -> {a.min_lr_ratio:g}x")
         self.logger.set_total(self.total_steps, self.step)
 
+    @property
+    def group_by_length(self) -> bool:
+        return bool(getattr(self.args, "group_by_length", False))  # an SFT flag: other tasks have none
+
     def _item_lengths(self):
         """``--group_by_length``: the training items' lengths for the sampler (read once), else None."""
-        if not getattr(self.args, "group_by_length", False):
+        if not self.group_by_length:
             return None
-        if getattr(self, "_lengths", None) is None:
+        if self._lengths is None:
             if not hasattr(self.train_dataset, "lengths"):
                 raise SystemExit(f"error: --group_by_length: {type(self.train_dataset).__name__} has no item lengths")
             self._lengths = self.train_dataset.lengths()
