@@ -1,4 +1,4 @@
-"""The machine a benchmark ran on, for its first output line: CPU model, ``amx_bf16`` when present, cores."""
+"""The machine a benchmark ran on, for its first output line: CPU model, its bf16 matmul flags (``amx_bf16``, ``avx512_bf16``), cores."""
 
 from __future__ import annotations
 
@@ -12,4 +12,5 @@ def describe_cpu() -> str:
     except OSError:
         return f"? ({os.cpu_count()} cores)"
     name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    return name + (" (amx_bf16)" if "amx_bf16" in out else " (no amx_bf16)") + f", {os.cpu_count()} cores"
+    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in out.split()]
+    return name + f" ({', '.join(flags) or 'no amx_bf16 / avx512_bf16'})" + f", {os.cpu_count()} cores"

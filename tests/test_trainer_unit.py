@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import trainer.trainer as tt
 from tokenizer import ORIGINAL_TOKENIZER_FIXTURE
 from trainer.args import COMMON_DEFAULTS, fill_defaults, parse_args, public_args
 from trainer.checkpoint import finalize, latest_checkpoint, list_checkpoints, resolve_checkpoint, tmp_dir
@@ -149,8 +150,16 @@ def test_dtype_resolution_on_cpu(monkeypatch):
     dt, note = resolve_dtype("float32", torch.device("cpu"))
     assert dt is None
     dt, note = resolve_dtype("bfloat16", torch.device("cpu"))
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    assert (dt == torch.bfloat16) == bool(amx), note
+    # the kernel's CPU flags, read independently of torch's probes: bf16 exactly where AMX or AVX512-BF16 is
+    flags = set(" ".join(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split())
+    assert (dt == torch.bfloat16) == bool(flags & {"amx_bf16", "avx512_bf16"}), note
+    # each hardware answer gives its own choice and names it
+    for hardware, want in (("AMX", torch.bfloat16), ("AVX512-BF16", torch.bfloat16), (None, None)):
+        monkeypatch.setattr(tt, "cpu_bf16_hardware", lambda h=hardware: h)
+        dt, note = resolve_dtype("auto", torch.device("cpu"))
+        assert dt == want and (hardware or "neither AMX nor AVX512-BF16") in note
+    monkeypatch.undo()
+    monkeypatch.delenv("MATECONV_DTYPE", raising=False)
     # $MATECONV_DTYPE replaces the automatic choice (auto / bfloat16), never an explicit float32
     for env, want in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp32", None), ("float32", None)):
         monkeypatch.setenv("MATECONV_DTYPE", env)
@@ -497,7 +506,6 @@ def test_max_minutes_replans_from_the_real_steps(small_bin, tmp_path, monkeypatc
     """A probe that misjudges the step time (here: 1 s, while a step takes milliseconds) plans too few steps; the
     re-plan from the real steps 3..k fits the count to the budget again (capped by --max_steps), keeps the warmup
     and saves the new count for a resume."""
-    import trainer.trainer as tt
     from trainer import PretrainTask, run
     from trainer.trainer import Trainer
 
@@ -564,7 +572,6 @@ def test_max_minutes_clock_starts_with_a_fresh_process_else_with_the_trainer(mon
     # notebook) the work done before the trainer started is not the run's (a 5-minute budget was once "spent")
     import psutil
 
-    import trainer.trainer as tt
 
     started = psutil.Process().create_time()
     monkeypatch.setattr(tt, "FRESH_PROCESS_S", 1e9)

@@ -83,7 +83,7 @@ def build_parser(task) -> argparse.ArgumentParser:
     g.add_argument("--warmup_iters", type=int, default=None,
                    help=f"linear warmup optimizer steps (0: use --warmup_ratio) [{d('warmup_iters')}]")
     g.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
-                   help=f"autocast dtype; bfloat16 falls back to float32 where it is not fast (CPU without AMX), "
+                   help=f"autocast dtype; bfloat16 falls back to float32 where it is not fast (CPU without AMX or AVX512-BF16), "
                         f"float16 uses loss scaling [{d('dtype')}]")
     g.add_argument("--num_workers", type=int, default=None, help=f"DataLoader workers [{d('num_workers')}]")
     g.add_argument("--out_dir", default=None, help=f"root of run directories [{d('out_dir')}]")
