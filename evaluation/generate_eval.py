@@ -68,8 +68,8 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.decode(encode_chat(tokenizer, messages), skip_special_tokens=False)
 
 
-def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int = 64,
-                    batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int = 64,
+                 batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
     """Decoding of token-id prompts -> ``[{"ids": new ids before eos, "stopped_on_eos": bool}]``.
 
     ``model.generation.decode`` (the one decoding loop: left padding, KV cache), ``batch_size`` prompts
@@ -93,7 +93,7 @@ def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, m
 def generate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int = 64,
                      batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
     """Generate, decode and score every example -> per-example records (see module doc; greedy unless
-    ``temperature > 0``, see :func:`greedy_generate`)."""
+    ``temperature > 0``, see :func:`generate_ids`)."""
     _, eos, pad = _special_ids(tokenizer, model.config)
     from tokenizer.chat import chat_encoder
 
@@ -102,7 +102,7 @@ def generate_answers(model, tokenizer, examples: list[dict], max_new_tokens: int
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos:  # keep the end of over-long prompts so prompt + answer fit the trained context
         prompts = [p[-max(1, max_pos - max_new_tokens):] for p in prompts]
-    gens = greedy_generate(model, prompts, eos, pad, max_new_tokens, batch_size, temperature, top_p, seed)
+    gens = generate_ids(model, prompts, eos, pad, max_new_tokens, batch_size, temperature, top_p, seed)
     out = []
     for ex, text, p, g in zip(examples, prompts_text, prompts, gens):
         pred = tokenizer.decode(g["ids"], skip_special_tokens=True).strip()

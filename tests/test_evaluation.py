@@ -13,7 +13,7 @@ import torch
 
 from evaluation.generate_eval import (
     generate_answers,
-    greedy_generate,
+    generate_ids,
     load_heldout_examples,
     paired_compare,
     render_prompt,
@@ -255,7 +255,7 @@ def test_generation_stops_on_eos_and_counts_only_new_tokens(tok):
     assert tok.decode(prompts[0]).endswith("<s>assistant\n")
     eos = tok.eos_token_id
     assert eos == 2
-    got = greedy_generate(model, prompts, eos, eos, max_new_tokens=7, batch_size=3)
+    got = generate_ids(model, prompts, eos, eos, max_new_tokens=7, batch_size=3)
     for p, g in zip(prompts, got):  # batched + cached = one by one without cache
         ids, stopped = _naive_greedy(model, p, 7, eos)
         assert g == {"ids": ids, "stopped_on_eos": stopped}
@@ -268,15 +268,15 @@ def test_sampled_answers_are_seeded_per_prompt_whatever_the_batch(tok):
                for q in ("《静夜思》的作者是谁？", "请背诵《春晓》。", "你好", "写一首五言绝句。")]
     eos = tok.eos_token_id
     kw = dict(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3)
-    together = greedy_generate(model, prompts, eos, eos, batch_size=4, **kw)
-    assert greedy_generate(model, prompts, eos, eos, batch_size=4, **kw) == together  # reproducible
+    together = generate_ids(model, prompts, eos, eos, batch_size=4, **kw)
+    assert generate_ids(model, prompts, eos, eos, batch_size=4, **kw) == together  # reproducible
     # prompt i draws from its own stream: the same answers in batches of 1 and of 3
-    assert [g["ids"] for g in greedy_generate(model, prompts, eos, eos, batch_size=1, **kw)] == \
+    assert [g["ids"] for g in generate_ids(model, prompts, eos, eos, batch_size=1, **kw)] == \
         [g["ids"] for g in together]
-    assert [g["ids"] for g in greedy_generate(model, prompts, eos, eos, batch_size=3, **kw)] == \
+    assert [g["ids"] for g in generate_ids(model, prompts, eos, eos, batch_size=3, **kw)] == \
         [g["ids"] for g in together]
-    other = greedy_generate(model, prompts, eos, eos, batch_size=4, **dict(kw, seed=4))
-    greedy = greedy_generate(model, prompts, eos, eos, max_new_tokens=12, batch_size=4)
+    other = generate_ids(model, prompts, eos, eos, batch_size=4, **dict(kw, seed=4))
+    greedy = generate_ids(model, prompts, eos, eos, max_new_tokens=12, batch_size=4)
     assert other != together and greedy != together  # the seed and the sampling matter
 
 

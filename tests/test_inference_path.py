@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from evaluation.evaluate import load_checkpoint
-from evaluation.generate_eval import generate_answers, greedy_generate
+from evaluation.generate_eval import generate_answers, generate_ids
 from model import load
 from model.generation import Request, decode, generate_requests
 from prefs.generators import LocalGenerator, Prompt
@@ -46,7 +46,7 @@ def test_greedy_server_evaluator_and_prefs_agree(ckpt, served):
     rec = generate_answers(ev_model, tok, [{"id": "x", "task": "t", "messages": MSGS, "reference": "r"}],
                            max_new_tokens=MAX_NEW)[0]
     assert rec["n_prompt_tokens"] == len(prompt)
-    ev_ids = greedy_generate(ev_model, [prompt], tok.eos_token_id, tok.pad_token_id, MAX_NEW)[0]["ids"]
+    ev_ids = generate_ids(ev_model, [prompt], tok.eos_token_id, tok.pad_token_id, MAX_NEW)[0]["ids"]
     assert len(ev_ids) == rec["n_new_tokens"] > 3 and len(set(ev_ids)) > 2
     # the server, over HTTP
     body = _ask(served.url, temperature=0, max_tokens=MAX_NEW)
