@@ -105,6 +105,8 @@ def test_sft_grouped_by_length_trains_and_resume_keeps_the_batch_order(tmp_path,
     (["--replay_ratio", "0.2"], "--replay_ratio needs --replay_path"),
     (["--replay_path", "{bin}", "--replay_ratio", "1.5"], "expected a fraction in (0, 1)"),
     (["--replay_path", "{missing}", "--replay_ratio", "0.2"], "missing.bin"),
+    (["--replay_path", "{bin}"], "--replay_ratio 0.0: expected a fraction in (0, 1)"),  # not silently unused
+    (["--replay_path", "{bin}", "--replay_ratio", "-0.2"], "expected a fraction in (0, 1)"),
 ])
 def test_bad_replay_flags_end_with_a_message(tmp_path, tok, flags, message):
     bin_path = write_bin(tmp_path / "p.bin", (np.arange(33 * 50) * 7 + 3) % 6000, tok)

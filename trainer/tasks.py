@@ -293,13 +293,14 @@ class SFTTask(LMTask):
         if not path.is_file():
             raise FileNotFoundError(f"SFT data {path} not found (pass --data_path)")
         train = training_dataset(SFTDataset, path, tokenizer, args, what="SFT data")
-        if args.replay_ratio and not args.replay_path:
-            raise SystemExit("error: --replay_ratio needs --replay_path (a pretraining .bin from 3.pretrain.py)")
-        if args.replay_path and args.replay_ratio > 0:
+        if args.replay_ratio or args.replay_path:  # one check: both flags or neither, the ratio a fraction
+            if not args.replay_path:
+                raise SystemExit("error: --replay_ratio needs --replay_path (a pretraining .bin from 3.pretrain.py)")
+            if not 0.0 < args.replay_ratio < 1.0:
+                raise SystemExit(f"error: --replay_ratio {args.replay_ratio}: expected a fraction in (0, 1) "
+                                 "with --replay_path")
             from dataset.datasets import PretrainDataset, ReplayMix, or_exit
 
-            if not 0.0 < args.replay_ratio < 1.0:
-                raise SystemExit(f"error: --replay_ratio {args.replay_ratio}: expected a fraction in (0, 1)")
             replay = or_exit("replay data", PretrainDataset, args.replay_path, args.max_seq_len, tokenizer)
             train = ReplayMix(train, replay, args.replay_ratio)
             if dist_utils.rank() == 0:
