@@ -25,7 +25,11 @@ TOKENIZER = ORIGINAL_TOKENIZER_FIXTURE
 
 pytestmark = pytest.mark.slow
 
-STEPS = 40
+STEPS = 120  # long enough that a SIGINT sent after step 2 lands mid-run: on a fast CPU it landed at step ~18
+#: fp32 runs with another process count sum gradients in another order: their losses agree within 1e-5 over
+#: the first 40 steps and drift apart after that (5e-4 by step 120), so loss equality across launchers is
+#: checked over these steps (the step count and learning rates over all of them)
+EXACT_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("trainer_data")
     chars = "春眠不觉晓处处闻啼鸟夜来风雨声花落知多少床前明月光疑是地上霜举头望明月低头思故乡白日依山尽黄河入海流"
     rng = random.Random(0)
-    for split, n in (("train", 240), ("validation", 30)):
+    for split, n in (("train", 800), ("validation", 30)):
         src = d / f"pretrain_{split}.jsonl"
         with open(src, "w", encoding="utf-8") as f:
             for _ in range(n):
@@ -95,11 +99,11 @@ def ref_torchrun(data, tmp_path_factory):
 def test_torchrun_matches_one_process(ref_plain, ref_torchrun):
     a, b = _losses(ref_plain), _losses(ref_torchrun)
     assert len(a) == len(b) == STEPS
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    assert max(abs(x - y) for x, y in zip(a[:EXACT_STEPS], b[:EXACT_STEPS])) <= 1e-5, (a, b)
     assert a[-1] < a[0]  # it trains
     lr_a = [r["lr"] for r in _train_records(ref_plain)]
     assert lr_a == [r["lr"] for r in _train_records(ref_torchrun)]
-    st = json.loads((ref_torchrun / "checkpoints" / "step_0000040" / "trainer_state.json").read_text())
+    st = json.loads((ref_torchrun / "checkpoints" / f"step_{STEPS:07d}" / "trainer_state.json").read_text())
     assert st["world_size"] == 2 and st["step"] == STEPS and not st["deepspeed"]
 
 
@@ -127,7 +131,7 @@ def test_deepspeed_zero2_matches_one_process_across_the_original_stop_command(da
     text = log.read_text()
     assert "DeepSpeed ZeRO-2" in text and "stopped by signal at step" in text, text[-3000:]
     stop = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert 2 <= stop < STEPS
+    assert 2 <= stop < EXACT_STEPS  # the resume lies inside the steps compared below
     ck = run_dir / "checkpoints" / f"step_{stop:07d}"
     assert (ck / "deepspeed" / "state").is_dir() and (ck / "model.safetensors").is_file()
     from model import MateConvForCausalLM
@@ -136,7 +140,7 @@ def test_deepspeed_zero2_matches_one_process_across_the_original_stop_command(da
     run_ok(cmd + ["--resume"])
     a, b = _losses(ref_plain), _losses(run_dir)
     assert len(b) == STEPS
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    assert max(abs(x - y) for x, y in zip(a[:EXACT_STEPS], b[:EXACT_STEPS])) <= 1e-5, (a, b)
     assert [r["lr"] for r in _train_records(ref_plain)] == [r["lr"] for r in _train_records(run_dir)]
 
 
