@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dataset.collate import pad_collate
-from model.losses import sequence_nll
+from model.losses import sequence_nll_of
 
 from .metrics import ratio_bootstrap
 from .routing import RoutingCollector, routing_stats  # noqa: F401  (re-exported: the one routing module)
@@ -225,7 +225,7 @@ def items_loss(model, items: list[dict], pad_id: int, batch_size: int = 8,
         batch = collate([{"input_ids": it["input_ids"], "targets": it["targets"]}
                          for it in items[start:start + batch_size]])
         ids, tgt, mask = (batch[k].to(device) for k in ("input_ids", "targets", "attention_mask"))
-        s, c = sequence_nll(model(input_ids=ids, attention_mask=mask).logits, tgt)
+        s, c = sequence_nll_of(model, ids, mask, tgt)
         nll_sum.extend(s.double().cpu().tolist())
         n_tok.extend(c.cpu().tolist())
     keep = [i for i, c in enumerate(n_tok) if c > 0]

@@ -38,7 +38,7 @@ work, no global random state): the same files on every run and machine. Tasks:
   of that line (so the right context counts); distractors: 2-character spans from lines of other works.
 
 Scoring (:func:`score_mc`): for each option, ``logp_sum`` = sum of the log-probabilities of its tokens
-given the prompt (:func:`model.losses.sequence_nll`; the prompt is encoded alone, the option alone, then
+given the prompt (:func:`model.losses.sequence_nll_of`; the prompt is encoded alone, the option alone, then
 concatenated, so every option sees the same prompt ids); ``logp_norm`` = ``logp_sum`` / number of
 **characters** of the option (length-normalised, tokenizer-independent, like lm-eval's ``acc_norm`` per
 byte). The model's choice is the arg-max (first on ties); ``correct`` uses ``logp_sum`` (the headline),
@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 
 from dataset.collate import pad_collate
-from model.losses import IGNORE_INDEX, sequence_nll
+from model.losses import IGNORE_INDEX, sequence_nll_of
 
 from .metrics import bootstrap_mean_ci, paired_bootstrap
 
@@ -423,8 +423,7 @@ def score_mc(model, tokenizer, items: list[dict], batch_size: int = 32, device=N
             batch = collate([{"input_ids": r[2], "targets": r[3]} for r in chunk])
             ids, tgt, mask = (batch[k].to(device) for k in ("input_ids", "targets", "attention_mask"))
             with ctx():
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            s, _ = sequence_nll(logits, tgt)
+                s, _ = sequence_nll_of(model, ids, mask, tgt)
             for (i, j, _, _), v in zip(chunk, s.double().cpu().tolist()):
                 logp[i][j] = -v
             if progress is not None:

@@ -9,7 +9,7 @@ different arms). This module builds one fixed set from a held-out SFT file, inde
 * chosen = its reference answer; rejected = the reference answer of another held-out prompt of the same
   task (a fluent answer to a different question: an arm-independent negative), drawn deterministically.
 
-:func:`pair_logps` gives, per pair, the log-probability (nats, :func:`model.losses.sequence_nll`) of the
+:func:`pair_logps` gives, per pair, the log-probability (nats, :func:`model.losses.sequence_nll_of`) of the
 chosen and of the rejected answer (its tokens and end token; the prompt is context; windowing as
 :func:`evaluation.bpc.answer_item`). The report combines the SFT and DPO checkpoints of one arm and seed:
 DPO implicit reward of an answer = ``logp_dpo - logp_sft`` (beta = 1; the sign, hence the accuracy, does not
@@ -26,7 +26,7 @@ import random
 import torch
 
 from dataset.collate import pad_collate
-from model.losses import sequence_nll
+from model.losses import sequence_nll_of
 
 from .bpc import answer_item, read_jsonl, spread_sample, stratum_of
 from .metrics import bootstrap_mean_ci
@@ -82,7 +82,7 @@ def pair_logps(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_size
                 continue
             batch = collate([r[2] for r in chunk])
             ids, tgt, mask = (batch[x].to(device) for x in ("input_ids", "targets", "attention_mask"))
-            s, c = sequence_nll(model(input_ids=ids, attention_mask=mask).logits, tgt)
+            s, c = sequence_nll_of(model, ids, mask, tgt)
             for (k, side, _), sv, cv in zip(chunk, s.double().cpu().tolist(), c.cpu().tolist()):
                 logp[k][side] = (-sv, int(cv))
     finally:

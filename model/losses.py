@@ -37,6 +37,16 @@ def sequence_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return token_nll(logits, targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
+def sequence_nll_of(model, input_ids: torch.Tensor, attention_mask, targets: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_nll` of ``model`` on a batch. A MateConv model computes logits only where a target is
+    (``MateConvForCausalLM.sequence_nll``: the same NLL); any other causal LM (an exported transformers model)
+    through its full logits."""
+    if hasattr(model, "sequence_nll"):
+        return model.sequence_nll(input_ids, attention_mask, targets)
+    return sequence_nll(model(input_ids=input_ids, attention_mask=attention_mask).logits, targets)
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Hugging Face ``labels`` (aligned with the inputs) -> pre-shifted targets (no copy of the logits)."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
 from .configuration_mateconv import MateConvConfig
-from .losses import compute_dtype, linear_nll_sum, nll_sum, shift_labels
+from .losses import IGNORE_INDEX, compute_dtype, linear_nll_sum, nll_sum, shift_labels, token_nll
 
 
 @dataclass
@@ -552,6 +552,17 @@ class MateConvForCausalLM(MateConvPreTrainedModel, GenerationMixin):
             total, count = nll_sum(logits, shift_labels(labels))
             loss = total / count
         return MateConvCausalLMOutput(loss=loss, logits=logits, aux_loss=aux_loss, cache=cache)
+
+    def sequence_nll(self, input_ids, attention_mask, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model.losses.sequence_nll`` of this batch (NLL summed per sequence ``[B]``, fp32, and the number of
+        targets ``[B]``) with the LM head run only on the positions that have a target: in multiple-choice
+        options and answers after a prompt most positions have none (evaluation; see
+        ``model.losses.sequence_nll_of``)."""
+        h, _ = self.model(input_ids, attention_mask)
+        rows = targets != IGNORE_INDEX
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+        nll[rows] = token_nll(self.lm_head(h[rows]), targets[rows])
+        return nll.sum(-1), rows.sum(-1)
 
     # ---- MoE helpers used by the trainer / evaluation ----
     def moe_layers(self) -> list[MateConvMoE]:

@@ -182,6 +182,35 @@ def test_model_targets_falls_back_to_logits_without_grad_and_under_zero3():
     torch.testing.assert_close(z3.nll_sum, out.nll_sum, rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("preset", ["mateconv-tiny", "mateconv-moe-tiny"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sequence_nll_on_target_rows_equals_the_full_logits(preset, autocast):
+    """The evaluation path (multiple choice, answers, preference pairs): the LM head on target rows only gives
+    the per-sequence NLL of the full logits; a model without the method (an exported transformers model) goes
+    through its logits."""
+    from model.export import to_native
+    from model.losses import sequence_nll, sequence_nll_of
+
+    m = _tiny(preset).eval()
+    ids, tgt, att = _batch(2, padded=True)
+    tgt[1, :30] = IGNORE_INDEX  # a long prompt: few target rows
+    tgt[2, :] = IGNORE_INDEX  # a row without any target
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got_sum, got_count = sequence_nll_of(m, ids, att, tgt)
+        ref_sum, ref_count = sequence_nll(m(ids, attention_mask=att).logits, tgt)
+    assert got_sum.dtype == torch.float32 and got_sum.shape == (3,)
+    assert got_count.tolist() == ref_count.tolist() == (tgt != IGNORE_INDEX).sum(-1).tolist()
+    assert float(got_sum[2]) == 0.0
+    torch.testing.assert_close(got_sum, ref_sum, rtol=1e-3 if autocast else 1e-6, atol=1e-2 if autocast else 1e-4)
+    if preset == "mateconv-tiny":  # a transformers Llama with the same weights: the logits path, same numbers
+        native = to_native(m).eval()
+        assert not hasattr(native, "sequence_nll")
+        with torch.no_grad():
+            nat_sum, _ = sequence_nll_of(native, ids, att, tgt)
+            ours, _ = sequence_nll_of(m, ids, att, tgt)
+        torch.testing.assert_close(nat_sum, ours, rtol=1e-4, atol=1e-3)
+
+
 def test_lm_task_loss_uses_the_fused_path_and_matches(monkeypatch):
     import model.modeling_mateconv as mm
     from trainer.tasks import PretrainTask, SFTTask
