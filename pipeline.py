@@ -80,14 +80,14 @@ DEFAULT_MINUTES = 11.0
 # Share of one arm's time (its part of --minutes) per stage. Pretraining is where a small model learns most per
 # CPU-minute; what is not given to the trainers goes to preference generation, evaluation and process start-up,
 # whose cost is set by the counts below (measured on 2 cores: see README "The main job").
-TIME_SHARES = {"pretrain": 0.60, "sft": 0.19, "dpo": 0.04}
+TIME_SHARES = {"pretrain": 0.63, "sft": 0.19, "dpo": 0.04}
 # SFT recipe of the job (measured: benchmarks/README.md, "SFT recipe"): Muon as in pretraining, at a quarter of its
 # rate, AdamW 1e-3 on the rest, and pretraining windows mixed in (a fraction SFT_REPLAY_RATIO of the items,
 # `--replay_path`) so that the fine-tuned model keeps what pretraining taught it; batches grouped by length
 # (`--group_by_length`: short answers no longer padded to the 128-token replay windows beside them).
 SFT_FLAGS = ("--optimizer", "muon", "--muon_lr", 0.005, "--learning_rate", 1e-3)
 SFT_REPLAY_RATIO = 0.3
-PLANNED_SHARES = {"pretrain": 0.61, "sft": 0.22, "prefs": 0.05, "dpo": 0.05, "eval": 0.10}  # for the ETA
+PLANNED_SHARES = {"pretrain": 0.64, "sft": 0.22, "prefs": 0.05, "dpo": 0.05, "eval": 0.08}  # for the ETA
 
 
 def budget_for(minutes: float, n_units: int, lanes: int = 1) -> Budget:
