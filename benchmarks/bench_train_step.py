@@ -7,7 +7,7 @@ Both models have the identical configuration (``mateconv-0.02b`` by default) and
 they are measured alternately in the same process, bf16 autocast, on CPU. ``--compile`` adds our model under
 ``torch.compile`` (its compile time is printed separately).
 
-    python benchmarks/bench_train_step.py --threads 2 --batch 4 --seq 512 --steps 5 [--compile]
+    python benchmarks/bench_train_step.py --threads 2 --batch 4 --seq 512 --steps 5 [--compile] [--profile]
 """
 
 from __future__ import annotations
@@ -45,6 +45,21 @@ def make_step(model, opt, x, y, use_labels: bool, dtype):
     return step
 
 
+COMPUTE_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
+
+
+def profile_step(step) -> tuple[float, float]:
+    """One profiled step -> (its wall ms, the self time in ms of its matmul and attention kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        total = (time.perf_counter() - t0) * 1e3
+    compute = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith(COMPUTE_KERNELS)) / 1e3
+    return total, compute
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="mateconv-0.02b")
@@ -55,6 +70,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--compile", action="store_true",
                     help="also time our model under torch.compile (compile time reported separately)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one step of each eager contender: the share of its time in matmul and attention "
+                         "kernels, and the ratio to Llama that ours would reach if everything else took no time")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from benchmarks.machine import describe_cpu
@@ -99,6 +117,14 @@ def main(argv=None) -> None:
         print(f"  {k:16s} {v:10.0f} tokens/s  (median step {statistics.median(times[k]) * 1e3:.0f} ms)")
     print(f"RATIO mateconv/llama tokens/s = {res['mateconv'] / res['llama']:.2f}x  (floor 1.5x; the trainer's loss path)")
     print(f"      mateconv-labels/llama = {res['mateconv-labels'] / res['llama']:.2f}x  (HF labels= call, logits kept)")
+    if args.profile:
+        kernel = {k: profile_step(fn) for k, fn in steps.items() if k != "mateconv+compile"}
+        for k, (total, compute) in kernel.items():
+            print(f"  profile {k:16s} step {total:8.0f} ms, matmul + attention kernels {compute:8.0f} ms "
+                  f"({compute / total:.0%})")
+        llama_step = statistics.median(times["llama"]) * 1e3
+        print(f"      ceiling: Llama's step / our matmul + attention kernels = "
+              f"{llama_step / kernel['mateconv'][1]:.2f}x  (ours with everything else at zero time)")
     if args.compile:
         extra = first["mateconv+compile"] - statistics.median(times["mateconv+compile"])
         print(f"RATIO mateconv+compile/llama tokens/s = {res['mateconv+compile'] / res['llama']:.2f}x  "
