@@ -198,7 +198,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=0, help="compare at this many optimizer steps instead (no timing)")
     ap.add_argument("--preset", default="mateconv-tiny")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=16, help="peer batch (the peer recipe of the time-to-loss issue: 16 x 128; ours runs its CPU default, 32)")
+    ap.add_argument("--batch", type=int, default=16,
+                    help="peer batch (the peer recipe is 16 x 128; ours runs its CPU default, 32)")
     ap.add_argument("--seq", type=int, default=128, help="peer sequence length (our CPU default, 128)")
     ap.add_argument("--bin", default="data/pretrain/pretrain_train.bin")
     ap.add_argument("--eval_path", default="data/embedded/pretrain_validation.jsonl")
